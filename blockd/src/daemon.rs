@@ -1,0 +1,173 @@
+//! `blockd serve`: opens the data directory, starts the NBD listeners and the REST API,
+//! and shuts everything down in order on SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::control::api::{self, AppState};
+use crate::exports::Exports;
+use crate::fsutil::{self, LockFile};
+use crate::nbd::Limits;
+use crate::nbd::server::Server;
+use crate::store::file::FileStore;
+
+/// Everything `serve` needs, already parsed.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    /// TCP address for NBD, or None to serve only the Unix socket.
+    pub listen: Option<String>,
+    /// Unix socket for NBD, or None.
+    pub socket: Option<PathBuf>,
+    pub api: String,
+    pub limits: Limits,
+    pub ready_file: Option<PathBuf>,
+}
+
+fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
+    let s = s.trim().trim_start_matches("http://").trim_end_matches('/');
+    s.parse()
+        .with_context(|| format!("{what} {s:?} is not an IP:PORT address such as 127.0.0.1:10809"))
+}
+
+pub fn run(cfg: ServeConfig) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}; pass a writable --data-dir",
+            cfg.data_dir.display()
+        )
+    })?;
+    let _lock = LockFile::acquire(&cfg.data_dir.join("blockd.lock")).map_err(|e| {
+        anyhow!(
+            "cannot lock {}: {e}; another blockd is probably serving this data directory \
+             (stop it or pick another --data-dir)",
+            cfg.data_dir.display()
+        )
+    })?;
+    let store = FileStore::open(&cfg.data_dir).context("opening the store")?;
+    let exports = Arc::new(Exports::new(store));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("blockd-rt")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(cfg, exports))
+}
+
+async fn serve(cfg: ServeConfig, exports: Arc<Exports>) -> Result<()> {
+    let server = Server::new(exports.clone(), cfg.limits.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let mut nbd_addr = None;
+    if let Some(listen) = &cfg.listen {
+        let addr = parse_addr("--listen", listen)?;
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot listen for NBD on {addr}; is the port taken? pick another with --listen"
+            )
+        })?;
+        nbd_addr = Some(l.local_addr()?);
+        tasks.push(tokio::spawn(server.clone().serve_tcp(l, stop_rx.clone())));
+    }
+    if let Some(path) = &cfg.socket {
+        let l = bind_unix(path)?;
+        tasks.push(tokio::spawn(server.clone().serve_unix(l, stop_rx.clone())));
+    }
+    if nbd_addr.is_none() && cfg.socket.is_none() {
+        bail!("nothing to serve on: give --listen ADDR or --socket PATH");
+    }
+
+    let api_addr = parse_addr("--api", &cfg.api)?;
+    let api_listener = tokio::net::TcpListener::bind(api_addr).await.with_context(|| {
+        format!("cannot listen for the REST API on {api_addr}; is the port taken? pick another with --api")
+    })?;
+    let api_addr = api_listener.local_addr()?;
+    let app = api::router(Arc::new(AppState {
+        exports: exports.clone(),
+    }));
+    let mut api_stop = stop_rx.clone();
+    let api_task = tokio::spawn(async move {
+        axum::serve(api_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = api_stop.changed().await;
+            })
+            .await
+    });
+
+    tracing::info!(
+        nbd = ?nbd_addr, socket = ?cfg.socket, api = %api_addr, data_dir = %cfg.data_dir.display(),
+        "blockd serving"
+    );
+    if let Some(ready) = &cfg.ready_file {
+        let info = json!({
+            "pid": std::process::id(),
+            "nbd": nbd_addr.map(|a| a.to_string()),
+            "socket": cfg.socket.as_ref().map(|p| p.display().to_string()),
+            "api": api_addr.to_string(),
+        });
+        fsutil::write_atomic(ready, info.to_string().as_bytes())
+            .with_context(|| format!("writing --ready-file {}", ready.display()))?;
+    }
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let srv = server.clone();
+    tokio::task::spawn_blocking(move || srv.shutdown()).await?;
+    let ex = exports.clone();
+    tokio::task::spawn_blocking(move || ex.flush_all()).await?;
+    match tokio::time::timeout(Duration::from_secs(5), api_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "API server ended with an error"),
+        _ => tracing::warn!("API server did not stop in time"),
+    }
+    if let Some(path) = &cfg.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("blockd stopped");
+    Ok(())
+}
+
+/// Binds the Unix socket, replacing a stale socket file left by a crashed daemon but never
+/// one another daemon is still listening on.
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "{} is in use by a running server; pick another --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    tokio::net::UnixListener::bind(path).with_context(|| {
+        format!(
+            "cannot listen on Unix socket {}; pick another --socket",
+            path.display()
+        )
+    })
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! The `blockd` binary: `blockd serve` runs the daemon; every other subcommand is a client
+//! of its REST API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use blockd::cli::{self, Output, client::Client};
+use blockd::daemon::{self, ServeConfig};
+use blockd::nbd::Limits;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "blockd",
+    version,
+    about = "Copy-on-write block device server: snapshot and clone volumes over NBD",
+    after_help = "Run `blockd serve` on the storage host; the other subcommands talk to it over its REST API."
+)]
+struct Cli {
+    /// REST API address. For `serve`: where to listen (IP:PORT). For the other
+    /// subcommands: where the daemon listens (IP:PORT or http://IP:PORT).
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKD_API",
+        default_value = "127.0.0.1:7480"
+    )]
+    api: String,
+    /// Bearer token for the REST API.
+    #[arg(long, global = true, env = "BLOCKD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output format of the client subcommands.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: NBD server, REST API, store.
+    Serve(ServeArgs),
+    /// Create, list, show and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Directory holding the store, its catalog and (by default) the NBD Unix socket.
+    #[arg(long, env = "BLOCKD_DATA_DIR", default_value = "/var/lib/blockd")]
+    data_dir: PathBuf,
+    /// TCP address for NBD clients (IP:PORT; port 0 picks a free one), or `none`.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    listen: String,
+    /// Unix socket for NBD clients; default `<data-dir>/nbd.sock`; `none` to disable.
+    #[arg(long)]
+    socket: Option<String>,
+    /// Most NBD connections served at once; further connections are closed at accept.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Time a client has to complete the NBD handshake (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// On SIGTERM, time connections get to finish in-flight requests before being cut.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Write a JSON file with the pid and the actual addresses once listening (useful with
+    /// port 0).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCmd {
+    /// Create an empty (sparse) volume.
+    Create {
+        name: String,
+        /// Logical size: bytes, or with a suffix K, M, G, T (powers of 1024), e.g. 10G.
+        #[arg(long)]
+        size: String,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Show { name: String },
+    /// Delete a volume (refused while NBD clients have it open).
+    Delete { name: String },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => {
+            init_tracing("info");
+            serve(args, cli.api)
+        }
+        Command::Volume(cmd) => {
+            init_tracing("warn");
+            let client = Client::new(&cli.api, cli.token);
+            volume(&client, cli.output, cmd)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs, api: String) -> Result<()> {
+    let none = |s: &str| s.eq_ignore_ascii_case("none");
+    let socket = match args.socket.as_deref() {
+        Some(s) if none(s) => None,
+        Some(s) => Some(PathBuf::from(s)),
+        None => Some(args.data_dir.join("nbd.sock")),
+    };
+    let listen = if none(&args.listen) {
+        None
+    } else {
+        Some(args.listen)
+    };
+    let limits = Limits {
+        handshake_timeout: args.handshake_timeout,
+        max_connections: args.max_connections,
+        shutdown_grace: args.shutdown_grace,
+        ..Limits::default()
+    };
+    daemon::run(ServeConfig {
+        data_dir: args.data_dir,
+        listen,
+        socket,
+        api,
+        limits,
+        ready_file: args.ready_file,
+    })
+}
+
+fn volume(c: &Client, out: Output, cmd: VolumeCmd) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create { name, size } => cli::volume_create(c, out, &name, &size),
+        VolumeCmd::List => cli::volume_list(c, out),
+        VolumeCmd::Show { name } => cli::volume_show(c, out, &name),
+        VolumeCmd::Delete { name } => cli::volume_delete(c, out, &name),
+    }
+}

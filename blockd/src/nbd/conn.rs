@@ -1,0 +1,654 @@
+//! The transmission phase of one connection.
+//!
+//! One thread per connection reads requests in batches: a single `read` usually brings
+//! every request a client has in flight. Each request is checked by [`check_request`] and
+//! run inline against the volume; its reply is appended to a batch that goes out in one
+//! socket write when no complete request is left in the input buffer (or the batch is
+//! large). Page-cache reads and log appends take microseconds, so running them inline
+//! costs less than handing them to another thread, and batching amortises the socket
+//! system calls over the queue depth.
+//!
+//! FLUSH, and writes with FUA, must not be answered before the data is durable. They go to
+//! the connection's commit thread through a bounded queue; it drains everything queued,
+//! makes it durable with one volume flush (which itself joins the volume-wide group
+//! commit), and writes those replies out of order with the rest. A full queue blocks the
+//! reader: backpressure, never unbounded memory.
+//!
+//! Memory per connection is bounded: the input buffer grows to at most one maximal
+//! request (header + 32 MiB), the reply batch to `reply_batch_bytes` plus one maximal
+//! read, and the commit queue to `max_pending_commits` small records.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use nbd_proto::DecodeError;
+use nbd_proto::consts::*;
+use nbd_proto::transmission::{self as tx, BlockStatusExtent, Command, Request};
+use parking_lot::Mutex;
+
+use super::Limits;
+use super::errno::errno_of;
+use super::handshake::Session;
+use super::stream::Stream;
+use crate::store::{ExtentState, Volume, ZeroMode};
+
+/// Initial size of the input buffer: room for many small requests at once.
+const INPUT_BUFFER_BYTES: usize = 256 * 1024;
+/// Buffers that grew past this for one large request are shrunk back afterwards.
+const SHRINK_ABOVE_BYTES: usize = 4 << 20;
+/// Most descriptors in one BLOCK_STATUS reply (the spec allows 2^20; this keeps replies
+/// under 1 MiB).
+const MAX_STATUS_EXTENTS: usize = 1 << 17;
+
+/// What the client negotiated that decides whether a request is acceptable.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub size: u64,
+    pub read_only: bool,
+    pub structured: bool,
+    pub base_allocation: Option<u32>,
+}
+
+/// A request the server answers with an error instead of running it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub errno: u32,
+    pub message: String,
+}
+
+fn refuse(errno: u32, message: impl Into<String>) -> Refusal {
+    Refusal {
+        errno,
+        message: message.into(),
+    }
+}
+
+/// The protocol's rules for a request, given the session: unknown commands and flags are
+/// EINVAL, writes to a read-only export EPERM, writes past the end ENOSPC, other requests
+/// past the end EINVAL, payloads over the advertised maximum EINVAL.
+pub fn check_request(req: &Request, caps: &Caps) -> Result<(), Refusal> {
+    let cmd = req.command;
+    if let Command::Unknown(n) = cmd {
+        return Err(refuse(EINVAL, format!("unknown command {n}")));
+    }
+    let bad_flags = req.flags & !cmd.allowed_flags();
+    if bad_flags != 0 {
+        return Err(refuse(
+            EINVAL,
+            format!("flags {bad_flags:#x} are not valid for {}", cmd.name()),
+        ));
+    }
+    if req.has(CMD_FLAG_DF) && !caps.structured {
+        return Err(refuse(EINVAL, "DF requires structured replies"));
+    }
+    let writes = matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes);
+    if writes && caps.read_only {
+        return Err(refuse(EPERM, "export is read-only"));
+    }
+    if matches!(cmd, Command::Read | Command::Write) && req.len > MAX_PAYLOAD_BYTES {
+        return Err(refuse(
+            EINVAL,
+            format!(
+                "length {} exceeds the maximum payload of {MAX_PAYLOAD_BYTES} bytes",
+                req.len
+            ),
+        ));
+    }
+    if cmd == Command::BlockStatus {
+        if caps.base_allocation.is_none() {
+            return Err(refuse(
+                EINVAL,
+                "no metadata context was negotiated (SET_META_CONTEXT)",
+            ));
+        }
+        if req.len == 0 {
+            return Err(refuse(EINVAL, "block status of zero bytes"));
+        }
+    }
+    let ranged = !matches!(cmd, Command::Flush | Command::Disc);
+    if ranged {
+        let end = req.offset.checked_add(u64::from(req.len));
+        if end.is_none_or(|end| end > caps.size) {
+            let errno = if matches!(cmd, Command::Write | Command::WriteZeroes) {
+                ENOSPC
+            } else {
+                EINVAL
+            };
+            return Err(refuse(
+                errno,
+                format!(
+                    "{} of {} bytes at offset {} is beyond the end of the export ({} bytes)",
+                    cmd.name(),
+                    req.len,
+                    req.offset,
+                    caps.size
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Serialised access to the socket's write side, shared by the reader and commit threads.
+struct ReplyWriter {
+    stream: Mutex<Stream>,
+    broken: AtomicBool,
+}
+
+impl ReplyWriter {
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection already failed",
+            ));
+        }
+        let result = self.stream.lock().write_all(bytes);
+        if result.is_err() {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+/// A reply that waits for durability.
+struct Pending {
+    cookie: u64,
+    command: Command,
+}
+
+/// Why the transmission phase ended.
+#[derive(Debug)]
+pub enum End {
+    /// NBD_CMD_DISC.
+    Disconnect,
+    /// The client closed its side (or the server is shutting down and closed ours).
+    Eof,
+    /// The client broke framing (bad magic); the connection was dropped.
+    Protocol(DecodeError),
+    /// A socket error.
+    Io(io::Error),
+}
+
+/// Runs the transmission phase until the client leaves, then completes everything in
+/// flight and flushes the volume if this connection wrote to it.
+pub fn serve(stream: Stream, session: Session, limits: &Limits) -> End {
+    let writer = match stream.try_clone() {
+        Ok(w) => Arc::new(ReplyWriter {
+            stream: Mutex::new(w),
+            broken: AtomicBool::new(false),
+        }),
+        Err(e) => return End::Io(e),
+    };
+    let (commit_tx, commit_rx) = sync_channel(limits.max_pending_commits.max(1));
+    let volume = session.export.volume.clone();
+    let commit_thread = {
+        let writer = writer.clone();
+        let structured = session.structured;
+        let volume = volume.clone();
+        std::thread::Builder::new()
+            .name("nbd-commit".into())
+            .stack_size(128 * 1024)
+            .spawn(move || commit_loop(commit_rx, &*volume, &writer, structured))
+    };
+    let commit_thread = match commit_thread {
+        Ok(t) => t,
+        Err(e) => return End::Io(e),
+    };
+    let caps = Caps {
+        size: volume.size(),
+        read_only: volume.is_read_only(),
+        structured: session.structured,
+        base_allocation: session.base_allocation,
+    };
+    let mut conn = Conn {
+        input: Input {
+            stream,
+            buf: vec![0; INPUT_BUFFER_BYTES],
+            start: 0,
+            end: 0,
+        },
+        exec: Exec {
+            volume,
+            caps,
+            out: Vec::with_capacity(64 * 1024),
+            writer,
+            commit: Some(commit_tx),
+            dirty: false,
+            batch_bytes: limits.reply_batch_bytes,
+        },
+    };
+    let end = conn.run();
+    conn.finish(commit_thread);
+    end
+}
+
+struct Input {
+    stream: Stream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Input {
+    fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Reads at least once so that more bytes are buffered, making room for a request of
+    /// `need` bytes first. Returns false at end of stream.
+    fn fill(&mut self, need: usize) -> io::Result<bool> {
+        if self.buf.len() - self.start < need {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.buf.len() < need {
+                self.buf.resize(need.next_multiple_of(64 * 1024), 0);
+            }
+        }
+        loop {
+            match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > SHRINK_ABOVE_BYTES {
+                self.buf.truncate(INPUT_BUFFER_BYTES);
+                self.buf.shrink_to_fit();
+            }
+        }
+    }
+}
+
+struct Exec {
+    volume: Arc<dyn Volume>,
+    caps: Caps,
+    out: Vec<u8>,
+    writer: Arc<ReplyWriter>,
+    commit: Option<SyncSender<Pending>>,
+    dirty: bool,
+    batch_bytes: usize,
+}
+
+struct Conn {
+    input: Input,
+    exec: Exec,
+}
+
+impl Conn {
+    fn run(&mut self) -> End {
+        match self.run_inner() {
+            Ok(end) => end,
+            Err(e) => End::Io(e),
+        }
+    }
+
+    fn run_inner(&mut self) -> io::Result<End> {
+        loop {
+            if self.input.buffered() < REQUEST_BYTES {
+                self.exec.send_batch()?;
+                if !self.input.fill(REQUEST_BYTES)? {
+                    return Ok(End::Eof);
+                }
+                continue;
+            }
+            let at = self.input.start;
+            let req = match tx::decode_request(&self.input.buf[at..at + REQUEST_BYTES]) {
+                Ok(req) => req,
+                Err(e) => return Ok(End::Protocol(e)),
+            };
+            let payload_len = req.payload_len() as usize;
+            if req.command == Command::Write && req.len > MAX_PAYLOAD_BYTES {
+                // Too large to accept: skip the payload without buffering it, then refuse.
+                self.input.consume(REQUEST_BYTES);
+                if !self.discard(payload_len as u64)? {
+                    return Ok(End::Eof);
+                }
+                self.exec.handle(&req, &[]);
+                continue;
+            }
+            let total = REQUEST_BYTES + payload_len;
+            if self.input.buffered() < total {
+                self.exec.send_batch()?;
+                if !self.input.fill(total)? {
+                    return Ok(End::Eof);
+                }
+                continue;
+            }
+            let payload = &self.input.buf[at + REQUEST_BYTES..at + total];
+            let disc = self.exec.handle(&req, payload);
+            self.input.consume(total);
+            if disc {
+                return Ok(End::Disconnect);
+            }
+            if self.exec.out.len() >= self.exec.batch_bytes {
+                self.exec.send_batch()?;
+            }
+        }
+    }
+
+    /// Skips `n` payload bytes. Returns false at end of stream.
+    fn discard(&mut self, mut n: u64) -> io::Result<bool> {
+        while n > 0 {
+            if self.input.buffered() == 0 {
+                self.exec.send_batch()?;
+                if !self.input.fill(1)? {
+                    return Ok(false);
+                }
+            }
+            let k = (self.input.buffered() as u64).min(n) as usize;
+            self.input.consume(k);
+            n -= k as u64;
+        }
+        Ok(true)
+    }
+
+    /// Sends what is batched, lets the commit thread answer everything queued, and flushes
+    /// the volume if this connection wrote to it (data is durable after a clean
+    /// disconnect).
+    fn finish(&mut self, commit_thread: JoinHandle<()>) {
+        let _ = self.exec.send_batch();
+        self.exec.commit = None;
+        let _ = commit_thread.join();
+        if self.exec.dirty
+            && let Err(e) = self.exec.volume.flush()
+        {
+            tracing::warn!(error = %e, "flush at disconnect failed");
+        }
+        let _ = self.input.stream.shutdown(Shutdown::Both);
+    }
+}
+
+impl Exec {
+    fn send_batch(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let result = self.writer.send(&self.out);
+        self.out.clear();
+        if self.out.capacity() > SHRINK_ABOVE_BYTES {
+            self.out.shrink_to(64 * 1024);
+        }
+        result
+    }
+
+    fn error_reply(&mut self, cookie: u64, errno: u32, message: &str) {
+        if self.caps.structured {
+            tx::encode_error_chunk(&mut self.out, cookie, errno, message, true);
+        } else {
+            tx::encode_simple_reply(&mut self.out, cookie, errno);
+        }
+    }
+
+    fn ok_reply(&mut self, cookie: u64) {
+        tx::encode_simple_reply(&mut self.out, cookie, 0);
+    }
+
+    /// Queues a reply that must wait until the volume is flushed.
+    fn after_commit(&mut self, req: &Request) {
+        let pending = Pending {
+            cookie: req.cookie,
+            command: req.command,
+        };
+        let Some(queue) = self.commit.clone() else {
+            return self.error_reply(req.cookie, EIO, "connection is closing");
+        };
+        let sent = match queue.try_send(pending) {
+            Ok(()) => true,
+            // A full queue blocks here; send what is batched first so the client can make
+            // progress while we wait.
+            Err(std::sync::mpsc::TrySendError::Full(p)) => {
+                let _ = self.send_batch();
+                queue.send(p).is_ok()
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+        };
+        if !sent {
+            self.error_reply(req.cookie, EIO, "connection is closing");
+        }
+    }
+
+    /// Runs one request. Returns true for NBD_CMD_DISC.
+    fn handle(&mut self, req: &Request, payload: &[u8]) -> bool {
+        if let Err(r) = check_request(req, &self.caps) {
+            self.error_reply(req.cookie, r.errno, &r.message);
+            return false;
+        }
+        let fua = req.has(CMD_FLAG_FUA);
+        let result = match req.command {
+            Command::Disc => return true,
+            Command::Read => {
+                self.read(req);
+                return false;
+            }
+            Command::BlockStatus => {
+                self.block_status(req);
+                return false;
+            }
+            Command::Flush => {
+                self.after_commit(req);
+                return false;
+            }
+            Command::Cache => self.volume.cache(req.offset, u64::from(req.len)),
+            Command::Write => {
+                self.dirty = true;
+                self.volume.write(req.offset, payload)
+            }
+            Command::Trim => {
+                self.dirty = true;
+                self.volume.trim(req.offset, u64::from(req.len))
+            }
+            Command::WriteZeroes => {
+                self.dirty = true;
+                let mode = ZeroMode {
+                    may_trim: !req.has(CMD_FLAG_NO_HOLE),
+                    fast_only: req.has(CMD_FLAG_FAST_ZERO),
+                };
+                self.volume
+                    .write_zeroes(req.offset, u64::from(req.len), mode)
+            }
+            Command::Unknown(n) => {
+                // check_request refuses these; answer again rather than trust that here.
+                self.error_reply(req.cookie, EINVAL, &format!("unknown command {n}"));
+                return false;
+            }
+        };
+        match result {
+            Err(e) => self.error_reply(req.cookie, errno_of(&e), &e.to_string()),
+            Ok(()) if fua && req.command != Command::Cache => self.after_commit(req),
+            Ok(()) => self.ok_reply(req.cookie),
+        }
+        false
+    }
+
+    fn read(&mut self, req: &Request) {
+        let len = req.len as usize;
+        if self.out.len() + len > self.batch_bytes && !self.out.is_empty() {
+            // Keep the batch bounded; a failed send shows up on the next one.
+            let _ = self.send_batch();
+        }
+        let mark = self.out.len();
+        if self.caps.structured {
+            if len == 0 {
+                tx::encode_none_chunk(&mut self.out, req.cookie);
+                return;
+            }
+            tx::encode_offset_data_header(&mut self.out, req.cookie, req.offset, req.len, true);
+        } else {
+            tx::encode_simple_reply(&mut self.out, req.cookie, 0);
+        }
+        let data_at = self.out.len();
+        self.out.resize(data_at + len, 0);
+        if let Err(e) = self.volume.read(req.offset, &mut self.out[data_at..]) {
+            self.out.truncate(mark);
+            self.error_reply(req.cookie, errno_of(&e), &e.to_string());
+        }
+    }
+
+    fn block_status(&mut self, req: &Request) {
+        let Some(context) = self.caps.base_allocation else {
+            return self.error_reply(req.cookie, EINVAL, "no metadata context");
+        };
+        let req_one = req.has(CMD_FLAG_REQ_ONE);
+        let max = if req_one { 1 } else { MAX_STATUS_EXTENTS };
+        let extents = match self
+            .volume
+            .block_status(req.offset, u64::from(req.len), max)
+        {
+            Ok(e) => e,
+            Err(e) => return self.error_reply(req.cookie, errno_of(&e), &e.to_string()),
+        };
+        let mut wire: Vec<BlockStatusExtent> = Vec::with_capacity(extents.len().min(1024));
+        for e in extents {
+            let flags = match e.state {
+                ExtentState::Data => 0,
+                ExtentState::Zero => STATE_ZERO,
+                ExtentState::Hole => STATE_HOLE | STATE_ZERO,
+            };
+            // Extents lie within the request, whose length fits in 32 bits.
+            let len = u32::try_from(e.len).unwrap_or(u32::MAX);
+            if len == 0 {
+                continue;
+            }
+            match wire.last_mut() {
+                Some(last) if last.flags == flags => {
+                    last.len = last.len.saturating_add(len).min(req.len);
+                }
+                _ => wire.push(BlockStatusExtent { len, flags }),
+            }
+        }
+        if wire.is_empty() {
+            return self.error_reply(req.cookie, EIO, "volume reported no extents");
+        }
+        if req_one {
+            wire.truncate(1);
+            wire[0].len = wire[0].len.min(req.len);
+        }
+        tx::encode_block_status(&mut self.out, req.cookie, context, &wire, true);
+    }
+}
+
+/// The commit thread: drains queued replies, flushes once for all of them, answers them.
+fn commit_loop(rx: Receiver<Pending>, volume: &dyn Volume, writer: &ReplyWriter, structured: bool) {
+    let mut out = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let result = volume.flush();
+        out.clear();
+        for p in &batch {
+            match &result {
+                Ok(()) => tx::encode_simple_reply(&mut out, p.cookie, 0),
+                Err(e) if structured => {
+                    let msg = format!("{} failed: {e}", p.command.name());
+                    tx::encode_error_chunk(&mut out, p.cookie, errno_of(e), &msg, true);
+                }
+                Err(e) => tx::encode_simple_reply(&mut out, p.cookie, errno_of(e)),
+            }
+        }
+        // On a dead socket keep draining so the reader never blocks on a full queue.
+        let _ = writer.send(&out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps() -> Caps {
+        Caps {
+            size: 1 << 20,
+            read_only: false,
+            structured: true,
+            base_allocation: Some(1),
+        }
+    }
+
+    fn req(command: Command, flags: u16, offset: u64, len: u32) -> Request {
+        Request {
+            flags,
+            command,
+            cookie: 7,
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn refusals_follow_the_spec() {
+        let c = caps();
+        let ro = Caps {
+            read_only: true,
+            ..c
+        };
+        let plain = Caps {
+            structured: false,
+            base_allocation: None,
+            ..c
+        };
+        let cases: Vec<(Request, Caps, Option<u32>)> = vec![
+            (req(Command::Read, 0, 0, 4096), c, None),
+            (req(Command::Read, 0, (1 << 20) - 1, 2), c, Some(EINVAL)),
+            (req(Command::Read, 0, u64::MAX, 1), c, Some(EINVAL)),
+            (req(Command::Write, 0, 1 << 20, 1), c, Some(ENOSPC)),
+            (req(Command::WriteZeroes, 0, 1 << 20, 1), c, Some(ENOSPC)),
+            (req(Command::Trim, 0, 1 << 20, 1), c, Some(EINVAL)),
+            (req(Command::Write, 0, 0, 1), ro, Some(EPERM)),
+            (req(Command::Trim, 0, 0, 1), ro, Some(EPERM)),
+            (req(Command::WriteZeroes, 0, 0, 1), ro, Some(EPERM)),
+            (req(Command::Read, 0, 0, 1), ro, None),
+            (req(Command::Unknown(42), 0, 0, 0), c, Some(EINVAL)),
+            (req(Command::Read, 1 << 9, 0, 1), c, Some(EINVAL)),
+            (req(Command::Write, CMD_FLAG_NO_HOLE, 0, 1), c, Some(EINVAL)),
+            (req(Command::Read, CMD_FLAG_DF, 0, 1), plain, Some(EINVAL)),
+            (req(Command::Read, CMD_FLAG_DF, 0, 1), c, None),
+            (
+                req(Command::Read, 0, 0, MAX_PAYLOAD_BYTES + 1),
+                Caps {
+                    size: u64::MAX,
+                    ..c
+                },
+                Some(EINVAL),
+            ),
+            (req(Command::BlockStatus, 0, 0, 1), plain, Some(EINVAL)),
+            (req(Command::BlockStatus, 0, 0, 0), c, Some(EINVAL)),
+            (
+                req(Command::BlockStatus, CMD_FLAG_REQ_ONE, 0, 4096),
+                c,
+                None,
+            ),
+            (req(Command::Flush, CMD_FLAG_FUA, 0, 0), c, None),
+            (
+                req(
+                    Command::WriteZeroes,
+                    CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO | CMD_FLAG_FUA,
+                    0,
+                    4096,
+                ),
+                c,
+                None,
+            ),
+            (req(Command::Read, 0, 1 << 20, 0), c, None),
+        ];
+        for (r, caps, want) in cases {
+            let got = check_request(&r, &caps).err().map(|x| x.errno);
+            assert_eq!(got, want, "{r:?} with {caps:?}");
+        }
+    }
+}
