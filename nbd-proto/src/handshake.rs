@@ -49,10 +49,14 @@ pub struct ClientFlags {
 }
 
 /// Decodes the client flags. The spec requires the server to drop the connection
-/// when the client sets a flag it does not know or the server did not offer.
+/// when the client sets a flag it does not know or the server did not offer; each client
+/// flag is allowed only when the matching handshake flag is in `offered`.
 pub fn decode_client_flags(buf: &[u8], offered: u16) -> Result<ClientFlags, DecodeError> {
     let bits = Reader::new(buf).u32()?;
-    let mut allowed = FLAG_C_FIXED_NEWSTYLE;
+    let mut allowed = 0;
+    if offered & FLAG_FIXED_NEWSTYLE != 0 {
+        allowed |= FLAG_C_FIXED_NEWSTYLE;
+    }
     if offered & FLAG_NO_ZEROES != 0 {
         allowed |= FLAG_C_NO_ZEROES;
     }

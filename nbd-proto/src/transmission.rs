@@ -378,8 +378,16 @@ pub struct ChunkError {
     pub offset: Option<u64>,
 }
 
-/// Decodes the payload of an ERROR or ERROR_OFFSET chunk.
+/// Decodes the payload of an error chunk (any `ty` with bit 15 set).
+///
+/// ERROR and ERROR_OFFSET must match their layouts exactly. For an error type this crate
+/// does not know, the spec defines only the common prefix (error, message length, message)
+/// and lets the header length cover structured fields after it, so those are skipped: the
+/// client must treat the reply as errored, not disconnect.
 pub fn decode_error_chunk(ty: u16, payload: &[u8]) -> Result<ChunkError, DecodeError> {
+    if ty & REPLY_TYPE_FLAG_ERROR == 0 {
+        return Err(DecodeError::Invalid("not an error chunk type"));
+    }
     let mut r = Reader::new(payload);
     let error = r.u32()?;
     if error == 0 {
@@ -392,7 +400,8 @@ pub fn decode_error_chunk(ty: u16, payload: &[u8]) -> Result<ChunkError, DecodeE
     } else {
         None
     };
-    if r.remaining() != 0 {
+    let known = ty == REPLY_TYPE_ERROR || ty == REPLY_TYPE_ERROR_OFFSET;
+    if known && r.remaining() != 0 {
         return Err(DecodeError::BadLength("trailing bytes in error chunk"));
     }
     Ok(ChunkError {
