@@ -1,0 +1,775 @@
+//! The NBD server as a service: handshake deadline, connection cap, graceful shutdown,
+//! several connections to one export, and the Unix socket.
+//!
+//! The client here is a small raw one built on nbd-proto's client-side encoders, so that
+//! tests control exactly what is in flight when.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, pattern};
+use nbd_proto::consts::*;
+use nbd_proto::handshake::{self as hs, GoRequest, Info};
+use nbd_proto::transmission::{self as tx, Command, Request};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+const VOLUME: &str = "vol";
+const BLOCK: usize = 4096;
+
+// ---------------------------------------------------------------- raw client
+
+enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    fn set_read_timeout(&self, t: Duration) {
+        match self {
+            Sock::Tcp(s) => s.set_read_timeout(Some(t)),
+            Sock::Unix(s) => s.set_read_timeout(Some(t)),
+        }
+        .expect("set read timeout");
+    }
+
+    fn try_clone(&self) -> Sock {
+        match self {
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone().expect("clone TCP socket")),
+            Sock::Unix(s) => Sock::Unix(s.try_clone().expect("clone Unix socket")),
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Client {
+    s: Sock,
+    next_cookie: u64,
+}
+
+impl Client {
+    fn tcp(addr: &str) -> Client {
+        let s = TcpStream::connect(addr).expect("connect to blockd over TCP");
+        s.set_write_timeout(Some(IO_TIMEOUT))
+            .expect("write timeout");
+        let _ = s.set_nodelay(true);
+        Client::over(Sock::Tcp(s))
+    }
+
+    fn unix(path: &Path) -> Client {
+        let s = UnixStream::connect(path).expect("connect to blockd's Unix socket");
+        s.set_write_timeout(Some(IO_TIMEOUT))
+            .expect("write timeout");
+        Client::over(Sock::Unix(s))
+    }
+
+    fn over(s: Sock) -> Client {
+        s.set_read_timeout(IO_TIMEOUT);
+        Client { s, next_cookie: 1 }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).expect("send to blockd");
+    }
+
+    fn read_n(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        self.s
+            .read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("reading {n} bytes from blockd: {e}"));
+        buf
+    }
+
+    fn greeting(&mut self) {
+        let g = self.read_n(GREETING_BYTES);
+        hs::decode_greeting(&g).expect("NBD greeting");
+    }
+
+    /// The whole handshake: greeting, flags, GO. Returns (size, transmission flags).
+    fn handshake(&mut self, export: &str) -> (u64, u16) {
+        self.greeting();
+        self.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        let go = GoRequest {
+            name: export.into(),
+            info_requests: vec![],
+        };
+        let mut out = Vec::new();
+        hs::encode_option(&mut out, OPT_GO, &go.encode());
+        self.send(&out);
+        let mut export_info = None;
+        loop {
+            let h = self.read_n(OPTION_REPLY_HEADER_BYTES);
+            let h = hs::decode_option_reply_header(&h).expect("option reply");
+            let payload = self.read_n(h.len as usize);
+            match h.reply_type {
+                REP_ACK => break,
+                REP_INFO => {
+                    if let Ok(Info::Export { size, flags }) = hs::decode_info(&payload) {
+                        export_info = Some((size, flags));
+                    }
+                }
+                other => panic!(
+                    "GO {export}: reply {other:#x}: {}",
+                    String::from_utf8_lossy(&payload)
+                ),
+            }
+        }
+        export_info.expect("NBD_INFO_EXPORT in the GO replies")
+    }
+
+    fn cookie(&mut self) -> u64 {
+        self.next_cookie += 1;
+        self.next_cookie
+    }
+
+    fn request(&mut self, command: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> u64 {
+        let cookie = self.cookie();
+        self.send(&encode(command, flags, cookie, offset, len, data));
+        cookie
+    }
+
+    /// Reads one simple reply; returns (cookie, error).
+    fn reply(&mut self) -> (u64, u32) {
+        let h = self.read_n(SIMPLE_REPLY_BYTES);
+        let r = tx::decode_simple_reply(&h).expect("simple reply");
+        (r.cookie, r.error)
+    }
+
+    fn expect_ok(&mut self, cookie: u64, what: &str) {
+        assert_eq!(self.reply(), (cookie, 0), "{what}");
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], flags: u16) {
+        let c = self.request(CMD_WRITE, flags, offset, data.len() as u32, data);
+        self.expect_ok(c, &format!("write at {offset}"));
+    }
+
+    fn read(&mut self, offset: u64, len: usize) -> Vec<u8> {
+        let c = self.request(CMD_READ, 0, offset, len as u32, &[]);
+        self.expect_ok(c, &format!("read at {offset}"));
+        self.read_n(len)
+    }
+
+    fn flush(&mut self) {
+        let c = self.request(CMD_FLUSH, 0, 0, 0, &[]);
+        self.expect_ok(c, "flush");
+    }
+
+    /// Returns once the server has closed the connection; fails after `limit`.
+    fn wait_closed(&mut self, limit: Duration, what: &str) {
+        self.s.set_read_timeout(limit);
+        let mut buf = [0u8; 1024];
+        match self.s.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{what}: expected a close, got {n} bytes"),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("{what}: the server did not close the connection within {limit:?}")
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+fn encode(command: u16, flags: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(REQUEST_BYTES + data.len());
+    tx::encode_request(
+        &mut out,
+        &Request {
+            flags,
+            command: Command::from_wire(command),
+            cookie,
+            offset,
+            len,
+        },
+    );
+    out.extend_from_slice(data);
+    out
+}
+
+fn connected(d: &Daemon) -> Client {
+    let mut c = Client::tcp(&d.nbd);
+    c.handshake(VOLUME);
+    c
+}
+
+fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------- handshake deadline
+
+#[test]
+fn handshake_deadline_closes_silent_and_slow_clients_but_not_established_ones() {
+    let d = Daemon::start_with(&["--handshake-timeout", "1s"]);
+    d.create_volume(VOLUME, "4M");
+
+    // An established connection that idles well past the handshake deadline.
+    let mut established = connected(&d);
+    let data = pattern(1, BLOCK);
+    established.write(0, &data, 0);
+
+    let silent = std::thread::spawn({
+        let addr = d.nbd.clone();
+        move || {
+            let started = Instant::now();
+            let mut c = Client::tcp(&addr);
+            c.greeting();
+            c.wait_closed(Duration::from_secs(5), "silent client");
+            started.elapsed()
+        }
+    });
+    // A slow client trickles a valid handshake, one byte every 200 ms: the deadline is
+    // for the whole handshake, not per read.
+    let slow = std::thread::spawn({
+        let addr = d.nbd.clone();
+        move || {
+            let started = Instant::now();
+            let mut c = Client::tcp(&addr);
+            c.greeting();
+            let mut bytes = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+                .to_be_bytes()
+                .to_vec();
+            hs::encode_option(&mut bytes, OPT_LIST, &[]);
+            for b in bytes {
+                if started.elapsed() > Duration::from_secs(5) || c.s.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            c.wait_closed(Duration::from_secs(5), "slow client");
+            started.elapsed()
+        }
+    });
+
+    // Meanwhile a normal client connects and works.
+    let mut other = connected(&d);
+    other.write(BLOCK as u64, &pattern(2, BLOCK), 0);
+    assert_eq!(other.read(0, BLOCK), data);
+
+    for (name, t) in [("silent", silent), ("slow", slow)] {
+        let took = t.join().expect("client thread");
+        assert!(
+            took >= Duration::from_millis(800) && took <= Duration::from_secs(3),
+            "{name} client closed after {took:?}, expected about 1 s"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // The established connection is untouched by the deadline.
+    assert_eq!(established.read(0, BLOCK), data);
+    assert_eq!(established.read(BLOCK as u64, BLOCK), pattern(2, BLOCK));
+    assert!(d.log().contains("handshake failed"), "{}", d.log());
+}
+
+// ---------------------------------------------------------------- connection cap
+
+#[test]
+fn connection_cap_refuses_extra_connections_and_readmits_after_a_close() {
+    let d = Daemon::start_with(&["--max-connections", "2"]);
+    d.create_volume(VOLUME, "4M");
+    let mut a = connected(&d);
+    let mut b = connected(&d);
+
+    // The third is accepted by the kernel and closed at once, before any greeting.
+    let started = Instant::now();
+    let mut c = Client::tcp(&d.nbd);
+    c.wait_closed(Duration::from_secs(3), "third connection");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    wait_until(Duration::from_secs(5), "a log line about the limit", || {
+        d.log().contains("connection limit reached")
+    });
+
+    // The first two are unaffected.
+    a.write(0, &pattern(3, BLOCK), 0);
+    assert_eq!(b.read(0, BLOCK), pattern(3, BLOCK));
+
+    // After one leaves, a new client gets in (once the server has noticed the close).
+    drop(a);
+    let mut admitted = None;
+    wait_until(Duration::from_secs(10), "admission after a close", || {
+        let mut c = Client::tcp(&d.nbd);
+        let mut first = [0u8; 1];
+        match c.s.read(&mut first) {
+            Ok(1) => {
+                admitted = Some(c);
+                true
+            }
+            _ => false,
+        }
+    });
+    let mut c = admitted.expect("admitted client");
+    // The first greeting byte was consumed above; read the rest and go on.
+    c.read_n(GREETING_BYTES - 1);
+    c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+    let mut opt = Vec::new();
+    hs::encode_option(&mut opt, OPT_EXPORT_NAME, VOLUME.as_bytes());
+    c.send(&opt);
+    c.read_n(EXPORT_NAME_REPLY_BYTES);
+    assert_eq!(c.read(0, BLOCK), pattern(3, BLOCK));
+    // And the cap still holds with two connected again.
+    let mut extra = Client::tcp(&d.nbd);
+    extra.wait_closed(Duration::from_secs(3), "connection over the cap");
+    b.flush();
+}
+
+// ---------------------------------------------------------------- shutdown
+
+/// Requests still in flight when SIGTERM arrives are answered, the daemon exits 0 within
+/// the grace period and removes its socket, and acknowledged writes survive a restart.
+#[test]
+fn sigterm_finishes_in_flight_requests_and_keeps_acknowledged_writes() {
+    let mut d = Daemon::start_with(&["--shutdown-grace", "5s"]);
+    d.create_volume(VOLUME, "8M");
+    let socket = d.socket.clone();
+    assert!(socket.exists(), "the Unix socket exists while serving");
+
+    let mut c = connected(&d);
+    // Flushed data.
+    for i in 0..16u64 {
+        c.write(i * BLOCK as u64, &pattern(100 + i, BLOCK), 0);
+    }
+    c.flush();
+    // An idle second connection and a client still in the handshake must not hold up
+    // the shutdown.
+    let mut idle = connected(&d);
+    let mut negotiating = Client::tcp(&d.nbd);
+    negotiating.greeting();
+
+    // In flight: 64 MiB of reads the client does not read yet (so the server blocks on
+    // sending them), then writes and a flush queued behind them.
+    let mut expect: HashMap<u64, usize> = HashMap::new();
+    let mut batch = Vec::new();
+    for i in 0..64u64 {
+        let cookie = c.cookie();
+        batch.extend(encode(CMD_READ, 0, cookie, (i % 8) << 20, 1 << 20, &[]));
+        expect.insert(cookie, 1 << 20);
+    }
+    let in_flight_base = 1u64 << 20;
+    for i in 0..8u64 {
+        let cookie = c.cookie();
+        let data = pattern(200 + i, BLOCK);
+        let flags = if i % 2 == 0 { CMD_FLAG_FUA } else { 0 };
+        batch.extend(encode(
+            CMD_WRITE,
+            flags,
+            cookie,
+            in_flight_base + i * BLOCK as u64,
+            BLOCK as u32,
+            &data,
+        ));
+        expect.insert(cookie, 0);
+    }
+    let flush = c.cookie();
+    batch.extend(encode(CMD_FLUSH, 0, flush, 0, 0, &[]));
+    expect.insert(flush, 0);
+    c.send(&batch);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // SIGTERM, then start reading the replies while the daemon winds down.
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        while !expect.is_empty() {
+            let (cookie, error) = c.reply();
+            let len = expect
+                .remove(&cookie)
+                .unwrap_or_else(|| panic!("unexpected or repeated cookie {cookie}"));
+            assert_eq!(error, 0, "cookie {cookie} failed during shutdown");
+            c.read_n(len);
+        }
+        c.wait_closed(Duration::from_secs(10), "after the in-flight replies");
+    });
+    let started = Instant::now();
+    let status = d.terminate(Duration::from_secs(20));
+    let took = started.elapsed();
+    reader.join().expect("every in-flight request was answered");
+    idle.wait_closed(Duration::from_secs(5), "idle connection at shutdown");
+    negotiating.wait_closed(Duration::from_secs(5), "handshake at shutdown");
+    assert!(
+        status.success(),
+        "blockd exited with {status}:\n{}",
+        d.log()
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "shutdown took {took:?}, grace is 5 s"
+    );
+    assert!(
+        !socket.exists(),
+        "the Unix socket file is removed at shutdown"
+    );
+    assert!(
+        !d.log().contains("cutting connections"),
+        "nothing had to be cut:\n{}",
+        d.log()
+    );
+
+    let (dir, data_dir) = d.into_dirs(false);
+    let d = Daemon::start_in(dir, data_dir, &[]);
+    let mut c = connected(&d);
+    for i in 0..16u64 {
+        assert!(
+            c.read(i * BLOCK as u64, BLOCK) == pattern(100 + i, BLOCK),
+            "flushed block {i} after restart"
+        );
+    }
+    for i in 0..8u64 {
+        assert!(
+            c.read(in_flight_base + i * BLOCK as u64, BLOCK) == pattern(200 + i, BLOCK),
+            "in-flight write {i} after restart"
+        );
+    }
+}
+
+/// A client that never reads its replies cannot hold the daemon up past the grace period.
+#[test]
+fn sigterm_cuts_a_stuck_client_after_the_grace_period() {
+    let mut d = Daemon::start_with(&["--shutdown-grace", "1s"]);
+    d.create_volume(VOLUME, "8M");
+    let mut c = connected(&d);
+    let data = pattern(7, BLOCK);
+    c.write(0, &data, 0);
+    let mut batch = Vec::new();
+    for i in 0..64u64 {
+        batch.extend(encode(CMD_READ, 0, 1000 + i, (i % 8) << 20, 1 << 20, &[]));
+    }
+    c.send(&batch);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let started = Instant::now();
+    let status = d.terminate(Duration::from_secs(20));
+    let took = started.elapsed();
+    assert!(
+        status.success(),
+        "blockd exited with {status}:\n{}",
+        d.log()
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "shutdown took {took:?} with a 1 s grace period"
+    );
+    assert!(d.log().contains("cutting connections"), "{}", d.log());
+    drop(c);
+
+    let (dir, data_dir) = d.into_dirs(false);
+    let d = Daemon::start_in(dir, data_dir, &[]);
+    assert_eq!(
+        connected(&d).read(0, BLOCK),
+        data,
+        "acknowledged write survives"
+    );
+}
+
+// ---------------------------------------------------------------- sharing and sockets
+
+#[test]
+fn connections_to_one_export_share_state_and_flushes() {
+    let d = Daemon::start();
+    d.create_volume(VOLUME, "4M");
+    let mut a = connected(&d);
+    let mut b = Client::unix(&d.socket);
+    let (_, flags) = b.handshake(VOLUME);
+    assert_ne!(
+        flags & FLAG_CAN_MULTI_CONN,
+        0,
+        "blockd advertises multi-conn"
+    );
+
+    // Written on A (not flushed), read on B.
+    a.write(0, &pattern(10, BLOCK), 0);
+    assert_eq!(b.read(0, BLOCK), pattern(10, BLOCK));
+    // And the other way round, with FUA.
+    b.write(BLOCK as u64, &pattern(11, BLOCK), CMD_FLAG_FUA);
+    assert_eq!(a.read(BLOCK as u64, BLOCK), pattern(11, BLOCK));
+    // A flush on B covers A's write; a third connection sees everything.
+    b.flush();
+    let mut c = connected(&d);
+    assert_eq!(
+        c.read(0, 2 * BLOCK),
+        [pattern(10, BLOCK), pattern(11, BLOCK)].concat()
+    );
+    // Trims and zeroes are shared too.
+    let z = a.request(CMD_WRITE_ZEROES, 0, 0, BLOCK as u32, &[]);
+    a.expect_ok(z, "write zeroes on A");
+    assert_eq!(b.read(0, BLOCK), vec![0; BLOCK]);
+    // Concurrent writers to disjoint blocks: each sees both.
+    let mut writers = Vec::new();
+    for (n, mut conn) in [(0u64, a), (1, b)] {
+        writers.push(std::thread::spawn(move || {
+            for i in 0..64u64 {
+                let block = 16 + i * 2 + n;
+                conn.write(block * BLOCK as u64, &pattern(block, BLOCK), 0);
+            }
+            conn.flush();
+        }));
+    }
+    for w in writers {
+        w.join().expect("writer");
+    }
+    for block in 16..16 + 128u64 {
+        assert!(
+            c.read(block * BLOCK as u64, BLOCK) == pattern(block, BLOCK),
+            "block {block}"
+        );
+    }
+}
+
+#[test]
+fn many_concurrent_connections_each_work() {
+    let d = Daemon::start();
+    d.create_volume(VOLUME, "4M");
+    let clients: Vec<_> = (0..48u64)
+        .map(|n| {
+            let (tcp, sock) = (d.nbd.clone(), d.socket.clone());
+            std::thread::spawn(move || {
+                let mut c = if n % 2 == 0 {
+                    Client::tcp(&tcp)
+                } else {
+                    Client::unix(&sock)
+                };
+                c.handshake(VOLUME);
+                for round in 0..20u64 {
+                    let offset = (n * 20 + round) * BLOCK as u64;
+                    let data = pattern(n * 1000 + round, BLOCK);
+                    c.write(offset, &data, if round % 5 == 0 { CMD_FLAG_FUA } else { 0 });
+                    assert!(c.read(offset, BLOCK) == data, "client {n} round {round}");
+                }
+                c.flush();
+            })
+        })
+        .collect();
+    for t in clients {
+        t.join().expect("client thread");
+    }
+    let mut c = connected(&d);
+    for n in 0..48u64 {
+        for round in 0..20u64 {
+            let offset = (n * 20 + round) * BLOCK as u64;
+            assert!(c.read(offset, BLOCK) == pattern(n * 1000 + round, BLOCK));
+        }
+    }
+}
+
+#[test]
+fn unix_socket_serves_the_same_exports() {
+    let d = Daemon::start();
+    d.create_volume(VOLUME, "4M");
+    assert_eq!(d.socket, d.data_dir.join("nbd.sock"), "default socket path");
+    let mut c = Client::unix(&d.socket);
+    let (size, _) = c.handshake(VOLUME);
+    assert_eq!(size, 4 << 20);
+    c.write(0, &pattern(20, BLOCK), 0);
+    c.flush();
+    assert_eq!(c.read(0, BLOCK), pattern(20, BLOCK));
+    // What was written over the socket is what TCP clients see.
+    assert_eq!(connected(&d).read(0, BLOCK), pattern(20, BLOCK));
+    // A GO for an unknown export is an error reply there too, not a hang.
+    let mut c = Client::unix(&d.socket);
+    c.greeting();
+    c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+    let mut opt = Vec::new();
+    let go = GoRequest {
+        name: "nope".into(),
+        info_requests: vec![],
+    };
+    hs::encode_option(&mut opt, OPT_GO, &go.encode());
+    c.send(&opt);
+    let h = hs::decode_option_reply_header(&c.read_n(OPTION_REPLY_HEADER_BYTES)).expect("reply");
+    assert_eq!(h.reply_type, REP_ERR_UNKNOWN);
+}
+
+#[test]
+fn a_stale_unix_socket_from_a_killed_daemon_is_replaced() {
+    let d = Daemon::start();
+    d.create_volume(VOLUME, "4M");
+    let socket = d.socket.clone();
+    let mut c = Client::unix(&socket);
+    c.handshake(VOLUME);
+    c.write(0, &pattern(30, BLOCK), 0);
+    c.flush();
+    drop(c);
+
+    let (dir, data_dir) = d.into_dirs(false); // SIGKILL: no cleanup
+    assert!(
+        socket.exists(),
+        "a killed daemon leaves its socket file behind"
+    );
+    assert!(
+        UnixStream::connect(&socket).is_err(),
+        "nobody listens on the stale socket"
+    );
+
+    let d = Daemon::start_in(dir, data_dir, &[]);
+    assert_eq!(
+        d.socket, socket,
+        "the restarted daemon uses the same socket path"
+    );
+    let mut c = Client::unix(&socket);
+    c.handshake(VOLUME);
+    assert_eq!(c.read(0, BLOCK), pattern(30, BLOCK));
+
+    // But a socket a live daemon listens on is not taken over.
+    let out = common::run_with_timeout(
+        std::process::Command::new(common::blockd_bin())
+            .args([
+                "serve",
+                "--listen",
+                "none",
+                "--api",
+                "127.0.0.1:0",
+                "--socket",
+            ])
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(d.dir.path().join("other-data")),
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.status.success(),
+        "a second daemon must not steal a live socket"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "{err}");
+    let mut c = Client::unix(&socket);
+    c.handshake(VOLUME);
+    assert_eq!(
+        c.read(0, BLOCK),
+        pattern(30, BLOCK),
+        "the first daemon still serves"
+    );
+}
+
+/// A client that keeps sending while the daemon shuts down: every reply it gets is a
+/// success or ESHUTDOWN, the stream ends with a clean close (not a reset that would destroy
+/// replies already sent), and every acknowledged write survives a restart.
+#[test]
+fn sigterm_with_a_busy_client_ends_cleanly() {
+    let mut d = Daemon::start_with(&["--shutdown-grace", "5s"]);
+    d.create_volume(VOLUME, "8M");
+    let mut c = connected(&d);
+    let mut writer = c.s.try_clone();
+    const WINDOW: u64 = 256;
+    let sent = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let offsets: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
+    let sender = std::thread::spawn({
+        let (sent, answered, stop, offsets) = (
+            sent.clone(),
+            answered.clone(),
+            stop.clone(),
+            offsets.clone(),
+        );
+        move || {
+            let mut cookie = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if sent.load(Ordering::Acquire) - answered.load(Ordering::Acquire) >= WINDOW {
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                cookie += 1;
+                let offset = (cookie % 2048) * BLOCK as u64;
+                offsets.lock().expect("lock").insert(cookie, offset);
+                let req = encode(
+                    CMD_WRITE,
+                    0,
+                    cookie,
+                    offset,
+                    BLOCK as u32,
+                    &pattern(cookie, BLOCK),
+                );
+                sent.fetch_add(1, Ordering::AcqRel);
+                if writer.write_all(&req).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let terminator = std::thread::spawn(move || {
+        let st = d.terminate(Duration::from_secs(20));
+        (d, st)
+    });
+    let mut acked: HashMap<u64, u64> = HashMap::new(); // offset -> last acked cookie
+    let mut errors = 0;
+    let end = loop {
+        let mut h = [0u8; SIMPLE_REPLY_BYTES];
+        match c.s.read_exact(&mut h) {
+            Ok(()) => {
+                let r = tx::decode_simple_reply(&h).expect("simple reply");
+                answered.fetch_add(1, Ordering::AcqRel);
+                let offset = offsets.lock().expect("lock")[&r.cookie];
+                match r.error {
+                    0 => {
+                        acked.insert(offset, r.cookie);
+                    }
+                    ESHUTDOWN => errors += 1,
+                    e => panic!("cookie {}: error {e} during shutdown", r.cookie),
+                }
+            }
+            Err(e) => break e,
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("sender");
+    let (d, status) = terminator.join().expect("terminate");
+    assert!(status.success(), "{status}");
+    assert!(
+        acked.len() > 10,
+        "the client made progress before the shutdown"
+    );
+    assert_eq!(
+        end.kind(),
+        ErrorKind::UnexpectedEof,
+        "the connection must end with a close, not {end} ({} acked, {errors} ESHUTDOWN)\n{}",
+        acked.len(),
+        d.log()
+    );
+    let (dir, data_dir) = d.into_dirs(false);
+    let d = Daemon::start_in(dir, data_dir, &[]);
+    let mut c = connected(&d);
+    for (offset, cookie) in acked {
+        // A later unacknowledged write to the same block may have landed too.
+        let got = c.read(offset, BLOCK);
+        assert!(
+            got == pattern(cookie, BLOCK)
+                || (cookie + 2048..cookie + 2048 * 64)
+                    .step_by(2048)
+                    .any(|k| got == pattern(k, BLOCK)),
+            "acknowledged write {cookie} at {offset} lost"
+        );
+    }
+}
