@@ -7,7 +7,10 @@
 
 pub mod error;
 pub mod file;
+pub mod format;
 pub mod group_commit;
+pub mod io;
+pub mod map;
 
 pub use error::{ErrorKind, Result, StoreError};
 

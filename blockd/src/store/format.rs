@@ -1,0 +1,663 @@
+//! On-disk structures of the extent store, as pure functions over bytes (docs/FORMAT.md).
+//!
+//! Every structure is fixed-size and little-endian, starts with a magic number and the
+//! format version, and ends with a crc32 salted per structure type, so that a block of one
+//! type can never validate as another. Decoders return a validated value or a
+//! [`FormatError`]; nothing here panics or allocates more than its input's size.
+
+use std::fmt;
+
+/// Version of every on-disk structure written by this build. Bump on any change and keep
+/// older versions readable (docs/FORMAT.md lists them).
+pub const FORMAT_VERSION: u16 = 1;
+
+/// Size of the header block at the start of every `.dat` file; payloads follow it.
+pub const DAT_HEADER_BYTES: u64 = 4096;
+/// Size of every `.idx` slot: the header slot and every entry.
+pub const ENTRY_BYTES: usize = 64;
+/// Largest payload of one write record. Longer writes become several records, which
+/// bounds the work to verify a record's checksum on its first read.
+pub const MAX_RECORD_BYTES: usize = 128 * 1024;
+/// Payloads start at multiples of this; payloads whose length is a multiple of 4096 start
+/// at multiples of 4096 so that they occupy whole pages (and whole file-system blocks,
+/// which compaction can punch out).
+pub const PAYLOAD_ALIGN_BYTES: u64 = 512;
+pub const PAGE_BYTES: u64 = 4096;
+/// Largest catalog body accepted when decoding.
+pub const MAX_CATALOG_BYTES: u64 = 256 << 20;
+
+pub const DAT_MAGIC: [u8; 8] = *b"BLKDDAT\0";
+pub const IDX_MAGIC: [u8; 8] = *b"BLKDIDX\0";
+pub const CATALOG_MAGIC: [u8; 8] = *b"BLKDCAT\0";
+/// First four bytes of every index entry ("BLKE").
+pub const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"BLKE");
+
+// Salts: the initial crc32 state per structure type.
+const SALT_DAT_HEADER: u32 = 0x6461_7431;
+const SALT_IDX_HEADER: u32 = 0x6964_7831;
+const SALT_ENTRY: u32 = 0x656e_7431;
+const SALT_PAYLOAD: u32 = 0x7061_7931;
+const SALT_BATCH: u32 = 0x6261_7431;
+const SALT_CATALOG_HEADER: u32 = 0x6361_7431;
+const SALT_CATALOG_BODY: u32 = 0x6362_6431;
+
+const KIND_WRITE: u8 = 1;
+const KIND_ZERO: u8 = 2;
+const KIND_BATCH_BEGIN: u8 = 3;
+const KIND_BATCH_END: u8 = 4;
+
+const FLAG_IN_BATCH: u8 = 1 << 0;
+const FLAG_KEEP_ALLOCATED: u8 = 1 << 1;
+const FLAG_SEAL: u8 = 1 << 2;
+const KNOWN_FLAGS: u8 = FLAG_IN_BATCH | FLAG_KEEP_ALLOCATED | FLAG_SEAL;
+
+/// Why a structure did not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FormatError {
+    Truncated,
+    BadMagic,
+    /// Written by a newer blockd.
+    UnsupportedVersion(u16),
+    BadChecksum,
+    /// Decoded, checksummed, but a field is impossible.
+    Invalid(&'static str),
+}
+
+impl fmt::Display for FormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FormatError::Truncated => write!(f, "structure truncated"),
+            FormatError::BadMagic => write!(f, "bad magic number"),
+            FormatError::UnsupportedVersion(v) => write!(
+                f,
+                "format version {v} is newer than this blockd supports ({FORMAT_VERSION}); upgrade blockd"
+            ),
+            FormatError::BadChecksum => write!(f, "checksum mismatch"),
+            FormatError::Invalid(what) => write!(f, "invalid field: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for FormatError {}
+
+fn crc(salt: u32, bytes: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new_with_initial(salt);
+    h.update(bytes);
+    h.finalize()
+}
+
+/// Checksum of a write payload.
+pub fn payload_crc(bytes: &[u8]) -> u32 {
+    crc(SALT_PAYLOAD, bytes)
+}
+
+fn get_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn put_u16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn check_version(v: u16) -> Result<(), FormatError> {
+    if v == 0 {
+        Err(FormatError::Invalid("version 0"))
+    } else if v > FORMAT_VERSION {
+        Err(FormatError::UnsupportedVersion(v))
+    } else {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- file headers
+
+/// The first 64 bytes of a `.dat` file (the rest of its 4096-byte header block is zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatHeader {
+    pub segment_id: u64,
+    pub created_unix: u64,
+}
+
+/// The first slot of an `.idx` file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdxHeader {
+    pub segment_id: u64,
+    /// Sequence number the segment's first entry will carry.
+    pub first_seq: u64,
+}
+
+fn encode_file_header(magic: [u8; 8], salt: u32, a: u64, b: u64) -> [u8; ENTRY_BYTES] {
+    let mut out = [0u8; ENTRY_BYTES];
+    out[0..8].copy_from_slice(&magic);
+    put_u16(&mut out, 8, FORMAT_VERSION);
+    put_u64(&mut out, 16, a);
+    put_u64(&mut out, 24, b);
+    let c = crc(salt, &out[..60]);
+    put_u32(&mut out, 60, c);
+    out
+}
+
+fn decode_file_header(bytes: &[u8], magic: [u8; 8], salt: u32) -> Result<(u64, u64), FormatError> {
+    let b = bytes.get(..ENTRY_BYTES).ok_or(FormatError::Truncated)?;
+    if b[0..8] != magic {
+        return Err(FormatError::BadMagic);
+    }
+    if crc(salt, &b[..60]) != get_u32(b, 60) {
+        return Err(FormatError::BadChecksum);
+    }
+    check_version(get_u16(b, 8))?;
+    Ok((get_u64(b, 16), get_u64(b, 24)))
+}
+
+impl DatHeader {
+    pub fn encode(&self) -> [u8; ENTRY_BYTES] {
+        encode_file_header(
+            DAT_MAGIC,
+            SALT_DAT_HEADER,
+            self.segment_id,
+            self.created_unix,
+        )
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<DatHeader, FormatError> {
+        let (segment_id, created_unix) = decode_file_header(bytes, DAT_MAGIC, SALT_DAT_HEADER)?;
+        Ok(DatHeader {
+            segment_id,
+            created_unix,
+        })
+    }
+}
+
+impl IdxHeader {
+    pub fn encode(&self) -> [u8; ENTRY_BYTES] {
+        encode_file_header(IDX_MAGIC, SALT_IDX_HEADER, self.segment_id, self.first_seq)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<IdxHeader, FormatError> {
+        let (segment_id, first_seq) = decode_file_header(bytes, IDX_MAGIC, SALT_IDX_HEADER)?;
+        Ok(IdxHeader {
+            segment_id,
+            first_seq,
+        })
+    }
+}
+
+// ---------------------------------------------------------------- index entries
+
+/// A record of the log: what happened to a range of the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// `len` bytes at `logical` now hold the payload stored at `data_off` in the `.dat`.
+    Write {
+        seq: u64,
+        logical: u64,
+        len: u32,
+        data_off: u64,
+        data_crc: u32,
+    },
+    /// `len` bytes at `logical` now read as zeroes. Without `keep_allocated` the range is
+    /// a hole (trim, or write-zeroes that may unmap); with it, allocated zeroes (NO_HOLE).
+    Zero {
+        seq: u64,
+        logical: u64,
+        len: u64,
+        keep_allocated: bool,
+    },
+}
+
+impl Record {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Record::Write { seq, .. } | Record::Zero { seq, .. } => *seq,
+        }
+    }
+
+    pub fn logical(&self) -> (u64, u64) {
+        match self {
+            Record::Write { logical, len, .. } => (*logical, u64::from(*len)),
+            Record::Zero { logical, len, .. } => (*logical, *len),
+        }
+    }
+}
+
+/// One decoded `.idx` slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// A record; `in_batch` tells a commit-batch copy from the provisional copy written
+    /// when the record was appended.
+    Record { record: Record, in_batch: bool },
+    /// Opens a commit batch of `count` record copies with sequence numbers
+    /// `first_seq..=last_seq`. A seal batch holds every record of its segment.
+    BatchBegin {
+        first_seq: u64,
+        last_seq: u64,
+        count: u32,
+        seal: bool,
+    },
+    /// Closes a batch; `batch_crc` covers the encoded copies between begin and end.
+    BatchEnd {
+        first_seq: u64,
+        last_seq: u64,
+        count: u32,
+        batch_crc: u32,
+        seal: bool,
+    },
+}
+
+fn finish_entry(mut out: [u8; ENTRY_BYTES]) -> [u8; ENTRY_BYTES] {
+    put_u32(&mut out, 0, ENTRY_MAGIC);
+    put_u16(&mut out, 6, FORMAT_VERSION);
+    let c = crc(SALT_ENTRY, &out[..60]);
+    put_u32(&mut out, 60, c);
+    out
+}
+
+/// Encodes a record slot.
+pub fn encode_record(r: &Record, in_batch: bool) -> [u8; ENTRY_BYTES] {
+    let mut out = [0u8; ENTRY_BYTES];
+    let mut flags = if in_batch { FLAG_IN_BATCH } else { 0 };
+    match *r {
+        Record::Write {
+            seq,
+            logical,
+            len,
+            data_off,
+            data_crc,
+        } => {
+            out[4] = KIND_WRITE;
+            put_u64(&mut out, 8, seq);
+            put_u64(&mut out, 16, logical);
+            put_u64(&mut out, 24, u64::from(len));
+            put_u64(&mut out, 32, data_off);
+            put_u32(&mut out, 40, data_crc);
+        }
+        Record::Zero {
+            seq,
+            logical,
+            len,
+            keep_allocated,
+        } => {
+            out[4] = KIND_ZERO;
+            if keep_allocated {
+                flags |= FLAG_KEEP_ALLOCATED;
+            }
+            put_u64(&mut out, 8, seq);
+            put_u64(&mut out, 16, logical);
+            put_u64(&mut out, 24, len);
+        }
+    }
+    out[5] = flags;
+    finish_entry(out)
+}
+
+fn encode_batch_mark(
+    kind: u8,
+    first: u64,
+    last: u64,
+    count: u32,
+    batch_crc: u32,
+    seal: bool,
+) -> [u8; ENTRY_BYTES] {
+    let mut out = [0u8; ENTRY_BYTES];
+    out[4] = kind;
+    out[5] = if seal { FLAG_SEAL } else { 0 };
+    put_u64(&mut out, 8, first);
+    put_u64(&mut out, 16, last);
+    put_u64(&mut out, 24, u64::from(count));
+    put_u32(&mut out, 40, batch_crc);
+    finish_entry(out)
+}
+
+/// Encodes a whole commit batch: begin, a copy of every record, end.
+pub fn encode_batch(records: &[Record], seal: bool) -> Vec<u8> {
+    let count = u32::try_from(records.len()).unwrap_or(u32::MAX);
+    let first = records.first().map(Record::seq).unwrap_or(0);
+    let last = records.last().map(Record::seq).unwrap_or(0);
+    let mut out = Vec::with_capacity((records.len() + 2) * ENTRY_BYTES);
+    out.extend_from_slice(&encode_batch_mark(
+        KIND_BATCH_BEGIN,
+        first,
+        last,
+        count,
+        0,
+        seal,
+    ));
+    let copies_at = out.len();
+    for r in records {
+        out.extend_from_slice(&encode_record(r, true));
+    }
+    let batch_crc = crc(SALT_BATCH, &out[copies_at..]);
+    out.extend_from_slice(&encode_batch_mark(
+        KIND_BATCH_END,
+        first,
+        last,
+        count,
+        batch_crc,
+        seal,
+    ));
+    out
+}
+
+/// Checksum a batch end must carry for the given encoded copies.
+pub fn batch_crc(copies: &[u8]) -> u32 {
+    crc(SALT_BATCH, copies)
+}
+
+/// Decodes one slot. Every field is checked: a slot that decodes is internally consistent.
+pub fn decode_entry(bytes: &[u8]) -> Result<Entry, FormatError> {
+    let b = bytes.get(..ENTRY_BYTES).ok_or(FormatError::Truncated)?;
+    if get_u32(b, 0) != ENTRY_MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    if crc(SALT_ENTRY, &b[..60]) != get_u32(b, 60) {
+        return Err(FormatError::BadChecksum);
+    }
+    check_version(get_u16(b, 6))?;
+    let kind = b[4];
+    let flags = b[5];
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(FormatError::Invalid("unknown entry flags"));
+    }
+    let in_batch = flags & FLAG_IN_BATCH != 0;
+    let seq = get_u64(b, 8);
+    match kind {
+        KIND_WRITE => {
+            let logical = get_u64(b, 16);
+            let len = get_u64(b, 24);
+            let data_off = get_u64(b, 32);
+            if len == 0 || len > MAX_RECORD_BYTES as u64 {
+                return Err(FormatError::Invalid("write length"));
+            }
+            if logical.checked_add(len).is_none() {
+                return Err(FormatError::Invalid("write range overflows"));
+            }
+            if data_off < DAT_HEADER_BYTES || !data_off.is_multiple_of(PAYLOAD_ALIGN_BYTES) {
+                return Err(FormatError::Invalid("payload offset"));
+            }
+            if data_off.checked_add(len).is_none() {
+                return Err(FormatError::Invalid("payload range overflows"));
+            }
+            if flags & (FLAG_KEEP_ALLOCATED | FLAG_SEAL) != 0 {
+                return Err(FormatError::Invalid("flags on a write"));
+            }
+            let record = Record::Write {
+                seq,
+                logical,
+                len: len as u32,
+                data_off,
+                data_crc: get_u32(b, 40),
+            };
+            Ok(Entry::Record { record, in_batch })
+        }
+        KIND_ZERO => {
+            let logical = get_u64(b, 16);
+            let len = get_u64(b, 24);
+            if len == 0 || logical.checked_add(len).is_none() {
+                return Err(FormatError::Invalid("zero range"));
+            }
+            if flags & FLAG_SEAL != 0 {
+                return Err(FormatError::Invalid("seal flag on a record"));
+            }
+            let keep_allocated = flags & FLAG_KEEP_ALLOCATED != 0;
+            Ok(Entry::Record {
+                record: Record::Zero {
+                    seq,
+                    logical,
+                    len,
+                    keep_allocated,
+                },
+                in_batch,
+            })
+        }
+        KIND_BATCH_BEGIN | KIND_BATCH_END => {
+            if flags & (FLAG_IN_BATCH | FLAG_KEEP_ALLOCATED) != 0 {
+                return Err(FormatError::Invalid("flags on a batch mark"));
+            }
+            let first_seq = seq;
+            let last_seq = get_u64(b, 16);
+            let count = get_u64(b, 24);
+            let count = u32::try_from(count).map_err(|_| FormatError::Invalid("batch count"))?;
+            if count > 0 && last_seq.checked_sub(first_seq) != Some(u64::from(count) - 1) {
+                return Err(FormatError::Invalid(
+                    "batch sequence range does not match its count",
+                ));
+            }
+            let seal = flags & FLAG_SEAL != 0;
+            Ok(if kind == KIND_BATCH_BEGIN {
+                Entry::BatchBegin {
+                    first_seq,
+                    last_seq,
+                    count,
+                    seal,
+                }
+            } else {
+                Entry::BatchEnd {
+                    first_seq,
+                    last_seq,
+                    count,
+                    batch_crc: get_u32(b, 40),
+                    seal,
+                }
+            })
+        }
+        _ => Err(FormatError::Invalid("unknown entry kind")),
+    }
+}
+
+/// Where a payload of `len` bytes goes if the `.dat` tail is at `tail`.
+pub fn payload_offset(tail: u64, len: u64) -> u64 {
+    let align = if len.is_multiple_of(PAGE_BYTES) {
+        PAGE_BYTES
+    } else {
+        PAYLOAD_ALIGN_BYTES
+    };
+    tail.max(DAT_HEADER_BYTES).next_multiple_of(align)
+}
+
+// ---------------------------------------------------------------- catalog envelope
+
+/// The 64-byte header in front of the catalog's JSON body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatalogHeader {
+    pub generation: u64,
+    pub body_len: u64,
+    pub body_crc: u32,
+}
+
+pub const CATALOG_HEADER_BYTES: usize = 64;
+
+/// Encodes the catalog file: header then body.
+pub fn encode_catalog(generation: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; CATALOG_HEADER_BYTES];
+    out[0..8].copy_from_slice(&CATALOG_MAGIC);
+    put_u16(&mut out, 8, FORMAT_VERSION);
+    put_u64(&mut out, 16, generation);
+    put_u64(&mut out, 24, body.len() as u64);
+    put_u32(&mut out, 32, crc(SALT_CATALOG_BODY, body));
+    let c = crc(SALT_CATALOG_HEADER, &out[..60]);
+    put_u32(&mut out, 60, c);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Decodes and verifies the catalog file; returns the generation and the body.
+pub fn decode_catalog(bytes: &[u8]) -> Result<(u64, &[u8]), FormatError> {
+    let h = bytes
+        .get(..CATALOG_HEADER_BYTES)
+        .ok_or(FormatError::Truncated)?;
+    if h[0..8] != CATALOG_MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    if crc(SALT_CATALOG_HEADER, &h[..60]) != get_u32(h, 60) {
+        return Err(FormatError::BadChecksum);
+    }
+    check_version(get_u16(h, 8))?;
+    let generation = get_u64(h, 16);
+    let len = get_u64(h, 24);
+    if len > MAX_CATALOG_BYTES {
+        return Err(FormatError::Invalid("catalog body length"));
+    }
+    let body = bytes
+        .get(CATALOG_HEADER_BYTES..CATALOG_HEADER_BYTES + len as usize)
+        .ok_or(FormatError::Truncated)?;
+    if crc(SALT_CATALOG_BODY, body) != get_u32(h, 32) {
+        return Err(FormatError::BadChecksum);
+    }
+    Ok((generation, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_any_flipped_bit_is_caught() {
+        let records = [
+            Record::Write {
+                seq: 7,
+                logical: 4096,
+                len: 4096,
+                data_off: 8192,
+                data_crc: 0xdead_beef,
+            },
+            Record::Zero {
+                seq: 8,
+                logical: 0,
+                len: 1 << 40,
+                keep_allocated: true,
+            },
+            Record::Zero {
+                seq: 9,
+                logical: 5,
+                len: 3,
+                keep_allocated: false,
+            },
+        ];
+        for r in records {
+            for in_batch in [false, true] {
+                let slot = encode_record(&r, in_batch);
+                assert_eq!(
+                    decode_entry(&slot),
+                    Ok(Entry::Record {
+                        record: r,
+                        in_batch
+                    })
+                );
+                for bit in 0..ENTRY_BYTES * 8 {
+                    let mut bad = slot;
+                    bad[bit / 8] ^= 1 << (bit % 8);
+                    assert!(decode_entry(&bad).is_err(), "bit {bit} of {r:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn salts_keep_structure_types_apart() {
+        let h = DatHeader {
+            segment_id: 3,
+            created_unix: 9,
+        }
+        .encode();
+        assert_eq!(IdxHeader::decode(&h), Err(FormatError::BadMagic));
+        assert!(decode_entry(&h).is_err());
+        let mut relabelled = h;
+        relabelled[0..8].copy_from_slice(&IDX_MAGIC);
+        assert_eq!(
+            IdxHeader::decode(&relabelled),
+            Err(FormatError::BadChecksum)
+        );
+    }
+
+    #[test]
+    fn batches_round_trip() {
+        let rs: Vec<Record> = (10..14)
+            .map(|seq| Record::Zero {
+                seq,
+                logical: seq * 512,
+                len: 512,
+                keep_allocated: false,
+            })
+            .collect();
+        let b = encode_batch(&rs, true);
+        assert_eq!(b.len(), 6 * ENTRY_BYTES);
+        assert_eq!(
+            decode_entry(&b[..64]),
+            Ok(Entry::BatchBegin {
+                first_seq: 10,
+                last_seq: 13,
+                count: 4,
+                seal: true
+            })
+        );
+        let copies = &b[64..5 * 64];
+        match decode_entry(&b[5 * 64..]) {
+            Ok(Entry::BatchEnd {
+                count: 4,
+                batch_crc,
+                ..
+            }) => assert_eq!(batch_crc, batch_crc_of(copies)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn batch_crc_of(copies: &[u8]) -> u32 {
+        batch_crc(copies)
+    }
+
+    #[test]
+    fn newer_versions_are_refused_with_a_clear_error() {
+        let mut slot = encode_record(
+            &Record::Zero {
+                seq: 1,
+                logical: 0,
+                len: 1,
+                keep_allocated: false,
+            },
+            false,
+        );
+        put_u16(&mut slot, 6, FORMAT_VERSION + 1);
+        let c = crc(SALT_ENTRY, &slot[..60]);
+        put_u32(&mut slot, 60, c);
+        let e = decode_entry(&slot).expect_err("newer version");
+        assert!(e.to_string().contains("upgrade blockd"), "{e}");
+    }
+
+    #[test]
+    fn catalog_envelope_detects_damage() {
+        let body = br#"{"volumes":[]}"#;
+        let file = encode_catalog(42, body);
+        assert_eq!(decode_catalog(&file), Ok((42, &body[..])));
+        let mut bad = file.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(decode_catalog(&bad), Err(FormatError::BadChecksum));
+        assert_eq!(decode_catalog(&file[..70]), Err(FormatError::Truncated));
+    }
+
+    #[test]
+    fn payloads_are_aligned() {
+        assert_eq!(payload_offset(0, 4096), 4096);
+        assert_eq!(payload_offset(4096 + 512, 4096), 8192);
+        assert_eq!(payload_offset(4096 + 512, 100), 4096 + 512);
+        assert_eq!(payload_offset(4096 + 513, 100), 4096 + 1024);
+    }
+}
