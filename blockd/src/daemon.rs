@@ -15,7 +15,10 @@ use crate::exports::Exports;
 use crate::fsutil::{self, LockFile};
 use crate::nbd::Limits;
 use crate::nbd::server::Server;
-use crate::store::file::FileStore;
+use crate::store::catalog::Config;
+use crate::store::compact::Policy;
+use crate::store::engine::Store;
+use crate::store::io::sync::SyncFs;
 
 /// Everything `serve` needs, already parsed.
 #[derive(Debug, Clone)]
@@ -28,6 +31,8 @@ pub struct ServeConfig {
     pub api: String,
     pub limits: Limits,
     pub ready_file: Option<PathBuf>,
+    /// Time between background compaction passes (zero disables them).
+    pub compact_interval: Duration,
 }
 
 fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
@@ -50,7 +55,14 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
             cfg.data_dir.display()
         )
     })?;
-    let store = FileStore::open(&cfg.data_dir).context("opening the store")?;
+    let store = Store::open(Arc::new(SyncFs), &cfg.data_dir, Config::default())
+        .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
+    for note in &store.recovery_notes {
+        tracing::warn!(%note, "recovery");
+    }
+    tracing::info!(seconds = store.recovery_seconds, "store opened");
+    let store = Arc::new(store);
+    let _compactor = start_compactor(store.clone(), cfg.compact_interval);
     let exports = Arc::new(Exports::new(store));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -92,7 +104,9 @@ async fn serve(cfg: ServeConfig, exports: Arc<Exports>) -> Result<()> {
     })?;
     let api_addr = api_listener.local_addr()?;
     let app = api::router(Arc::new(AppState {
-        exports: exports.clone(),
+        store: exports.store().clone(),
+        nbd_tcp: nbd_addr.map(|a| a.to_string()),
+        nbd_socket: cfg.socket.as_ref().map(|p| p.display().to_string()),
     }));
     let mut api_stop = stop_rx.clone();
     let api_task = tokio::spawn(async move {
@@ -126,8 +140,10 @@ async fn serve(cfg: ServeConfig, exports: Arc<Exports>) -> Result<()> {
     }
     let srv = server.clone();
     tokio::task::spawn_blocking(move || srv.shutdown()).await?;
-    let ex = exports.clone();
-    tokio::task::spawn_blocking(move || ex.flush_all()).await?;
+    let store = exports.store().clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || store.flush_all()).await? {
+        tracing::error!(error = %e, "flush at shutdown failed");
+    }
     match tokio::time::timeout(Duration::from_secs(5), api_task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "API server ended with an error"),
@@ -170,4 +186,27 @@ async fn wait_for_signal() -> Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// Runs compaction passes in the background, on a thread of its own (it reads and writes
+/// segments; the data path never waits for it).
+fn start_compactor(store: Arc<Store>, interval: Duration) -> Option<std::thread::JoinHandle<()>> {
+    if interval.is_zero() {
+        return None;
+    }
+    std::thread::Builder::new()
+        .name("compactor".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                match store.compact(&Policy::default()) {
+                    Ok(r) if r != Default::default() => {
+                        tracing::info!(report = ?r, "compaction pass")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "compaction pass failed"),
+                }
+            }
+        })
+        .ok()
 }

@@ -1,5 +1,5 @@
-//! The `blockd` binary: `blockd serve` runs the daemon; every other subcommand is a client
-//! of its REST API.
+//! The `blockd` binary: `blockd serve` runs the daemon; every other subcommand except
+//! `verify` is a client of its REST API.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use blockd::cli::{self, Output, client::Client};
+use blockd::cli::{self, Output, client::Client, transfer};
 use blockd::daemon::{self, ServeConfig};
 use blockd::nbd::Limits;
 
@@ -43,9 +43,22 @@ struct Cli {
 enum Command {
     /// Run the daemon: NBD server, REST API, store.
     Serve(ServeArgs),
-    /// Create, list, show and delete volumes.
+    /// Create, clone, import, export, reset, list, show and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Create, list and delete snapshots (VOLUME@SNAP).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Space used by the whole store: logical, referenced, stored, physical.
+    Df,
+    /// Run one compaction pass now (the daemon also runs them in the background).
+    Compact,
+    /// Check a store offline (daemon stopped): every record, checksum and reference.
+    Verify {
+        /// The data directory to check.
+        #[arg(long, env = "BLOCKD_DATA_DIR", default_value = "/var/lib/blockd")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +81,9 @@ struct ServeArgs {
     /// On SIGTERM, time connections get to finish in-flight requests before being cut.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Time between background compaction passes (e.g. 30s; 0 disables them).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    compact_interval: Duration,
     /// Write a JSON file with the pid and the actual addresses once listening (useful with
     /// port 0).
     #[arg(long)]
@@ -83,12 +99,47 @@ enum VolumeCmd {
         #[arg(long)]
         size: String,
     },
+    /// Create a writable clone of a snapshot: VOLUME@SNAP NEWNAME (O(1), no data copied).
+    Clone { source: String, name: String },
+    /// Import a raw image file as a new volume (holes and zeroes take no space).
+    Import {
+        name: String,
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// Export a volume or snapshot to a raw image file (sparse).
+    Export {
+        /// VOLUME or VOLUME@SNAP.
+        name: String,
+        #[arg(long)]
+        to: PathBuf,
+        /// Overwrite the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Throw away everything written since the volume's origin snapshot.
+    Reset { name: String },
     /// List volumes.
     List,
     /// Show one volume.
     Show { name: String },
     /// Delete a volume (refused while NBD clients have it open).
     Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    /// Freeze a volume's current contents as VOLUME@SNAP (O(1), read-only).
+    Create { name: String },
+    /// List snapshots, of one volume or of all.
+    List { volume: Option<String> },
+    /// Delete VOLUME@SNAP (refused while clones of it exist, unless --defer).
+    Delete {
+        name: String,
+        /// Hide it now and free its space when the last clone of it is deleted.
+        #[arg(long)]
+        defer: bool,
+    },
 }
 
 fn init_tracing(default: &str) {
@@ -109,10 +160,14 @@ fn main() -> ExitCode {
             init_tracing("info");
             serve(args, cli.api)
         }
-        Command::Volume(cmd) => {
+        Command::Verify { data_dir } => {
+            init_tracing("warn");
+            blockd::store::verify::run(&data_dir, cli.output == Output::Json)
+        }
+        cmd => {
             init_tracing("warn");
             let client = Client::new(&cli.api, cli.token);
-            volume(&client, cli.output, cmd)
+            client_command(&client, cli.output, cmd)
         }
     };
     match result {
@@ -149,14 +204,29 @@ fn serve(args: ServeArgs, api: String) -> Result<()> {
         api,
         limits,
         ready_file: args.ready_file,
+        compact_interval: args.compact_interval,
     })
 }
 
-fn volume(c: &Client, out: Output, cmd: VolumeCmd) -> Result<()> {
+fn client_command(c: &Client, out: Output, cmd: Command) -> Result<()> {
     match cmd {
-        VolumeCmd::Create { name, size } => cli::volume_create(c, out, &name, &size),
-        VolumeCmd::List => cli::volume_list(c, out),
-        VolumeCmd::Show { name } => cli::volume_show(c, out, &name),
-        VolumeCmd::Delete { name } => cli::volume_delete(c, out, &name),
+        Command::Volume(v) => match v {
+            VolumeCmd::Create { name, size } => cli::volume_create(c, out, &name, &size),
+            VolumeCmd::Clone { source, name } => cli::volume_clone(c, out, &source, &name),
+            VolumeCmd::Import { name, from } => transfer::import(c, out, &name, &from),
+            VolumeCmd::Export { name, to, force } => transfer::export(c, out, &name, &to, force),
+            VolumeCmd::Reset { name } => cli::volume_reset(c, out, &name),
+            VolumeCmd::List => cli::volume_list(c, out),
+            VolumeCmd::Show { name } => cli::volume_show(c, out, &name),
+            VolumeCmd::Delete { name } => cli::volume_delete(c, out, &name),
+        },
+        Command::Snapshot(s) => match s {
+            SnapshotCmd::Create { name } => cli::snapshot_create(c, out, &name),
+            SnapshotCmd::List { volume } => cli::snapshot_list(c, out, volume.as_deref()),
+            SnapshotCmd::Delete { name, defer } => cli::snapshot_delete(c, out, &name, defer),
+        },
+        Command::Df => cli::df(c, out),
+        Command::Compact => cli::compact(c, out),
+        Command::Serve(_) | Command::Verify { .. } => Ok(()),
     }
 }

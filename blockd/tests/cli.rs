@@ -21,7 +21,8 @@ fn volume_lifecycle_through_the_cli() {
         serde_json::from_str(&d.cli_ok(&["--output", "json", "volume", "show", "db1"]))
             .expect("json");
     assert_eq!(json["size_bytes"], 1u64 << 30);
-    assert_eq!(json["allocated_bytes"], 0);
+    assert_eq!(json["unique_bytes"], 0);
+    assert_eq!(json["shared_bytes"], 0);
 
     d.cli_ok(&["volume", "delete", "db1"]);
     let list: serde_json::Value =

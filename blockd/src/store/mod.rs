@@ -5,12 +5,17 @@
 //! keep it that way). The NBD layer sees a volume only through [`Volume`]: byte-granular
 //! read, write, trim, write-zeroes, flush, block status, size and read-only.
 
+pub mod catalog;
+pub mod compact;
+pub mod engine;
 pub mod error;
-pub mod file;
 pub mod format;
 pub mod group_commit;
 pub mod io;
 pub mod map;
+pub mod segment;
+pub mod verify;
+pub mod volume;
 
 pub use error::{ErrorKind, Result, StoreError};
 
@@ -100,3 +105,5 @@ pub fn check_volume_size(size: u64) -> Result<()> {
     }
     Ok(())
 }
+#[cfg(test)]
+mod tests;
