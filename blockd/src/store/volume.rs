@@ -182,10 +182,20 @@ impl MapState {
     }
 }
 
-/// Reads `buf.len()` bytes at `offset` through a map.
-fn read_map(map: &Map, offset: u64, buf: &mut [u8]) -> Result<()> {
-    let mut pieces: Vec<(u64, u64, Option<Target<SegLoc>>)> = Vec::with_capacity(2);
-    map.visit(offset, buf.len() as u64, |o, l, t| pieces.push((o, l, t)));
+/// A piece of a read: where in the buffer, and what fills it.
+type Piece = (u64, u64, Option<Target<SegLoc>>);
+
+/// The pieces covering a range, looked up while the caller holds the map lock. The lock is
+/// released before any data is read, and the map is not cloned: a live clone would make
+/// every concurrent write copy the B-tree nodes it touches.
+fn pieces(map: &Map, offset: u64, len: u64) -> Vec<Piece> {
+    let mut out = Vec::with_capacity(2);
+    map.visit(offset, len, |o, l, t| out.push((o, l, t)));
+    out
+}
+
+/// Fills `buf` (which starts at `offset`) from `pieces`.
+fn read_pieces(pieces: Vec<Piece>, offset: u64, buf: &mut [u8]) -> Result<()> {
     for (o, l, t) in pieces {
         let dst = &mut buf[(o - offset) as usize..(o - offset + l) as usize];
         match t {
@@ -487,8 +497,8 @@ pub struct SnapshotCore {
 impl SnapshotCore {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
-        let map = self.state.read().map.clone();
-        read_map(&map, offset, buf)
+        let p = pieces(&self.state.read().map, offset, buf.len() as u64);
+        read_pieces(p, offset, buf)
     }
 }
 
@@ -521,9 +531,8 @@ impl Volume for VolumeHandle {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.core.size)?;
-        // Clone the map (O(1)) so no lock is held during the reads.
-        let map = self.core.state.read().map.clone();
-        read_map(&map, offset, buf)
+        let p = pieces(&self.core.state.read().map, offset, buf.len() as u64);
+        read_pieces(p, offset, buf)
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
@@ -558,8 +567,12 @@ impl Volume for VolumeHandle {
 
     fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>> {
         check_range(offset, len, self.core.size)?;
-        let map = self.core.state.read().map.clone();
-        Ok(status_map(&map, offset, len, max_extents))
+        Ok(status_map(
+            &self.core.state.read().map,
+            offset,
+            len,
+            max_extents,
+        ))
     }
 }
 
@@ -619,7 +632,11 @@ impl Volume for SnapshotHandle {
 
     fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>> {
         check_range(offset, len, self.core.size)?;
-        let map = self.core.state.read().map.clone();
-        Ok(status_map(&map, offset, len, max_extents))
+        Ok(status_map(
+            &self.core.state.read().map,
+            offset,
+            len,
+            max_extents,
+        ))
     }
 }
