@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 /// rename it over `path`, fsync the directory. After a crash either the old or the new
 /// contents are there, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    // A bare file name has an empty parent: that is the current directory.
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -70,4 +71,20 @@ impl LockFile {
 pub fn allocated_bytes(meta: &fs::Metadata) -> u64 {
     use std::os::unix::fs::MetadataExt;
     meta.blocks().saturating_mul(512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_accepts_a_bare_file_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = std::env::current_dir().expect("cwd");
+        std::env::set_current_dir(dir.path()).expect("cd");
+        let r = write_atomic(Path::new("ready.json"), b"{}");
+        std::env::set_current_dir(old).expect("cd back");
+        r.expect("bare file name");
+        assert_eq!(fs::read(dir.path().join("ready.json")).expect("read"), b"{}");
+    }
 }
