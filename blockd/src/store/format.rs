@@ -127,6 +127,16 @@ fn check_version(v: u16) -> Result<(), FormatError> {
     }
 }
 
+/// Checks that bytes `from..to`, reserved (or unused by this kind of structure), are zero,
+/// as every encoder writes them: a decoded value then re-encodes to exactly its bytes.
+fn check_reserved(b: &[u8], from: usize, to: usize) -> Result<(), FormatError> {
+    if b[from..to].iter().all(|&x| x == 0) {
+        Ok(())
+    } else {
+        Err(FormatError::Invalid("reserved bytes are not zero"))
+    }
+}
+
 // ---------------------------------------------------------------- file headers
 
 /// The first 64 bytes of a `.dat` file (the rest of its 4096-byte header block is zero).
@@ -164,6 +174,8 @@ fn decode_file_header(bytes: &[u8], magic: [u8; 8], salt: u32) -> Result<(u64, u
         return Err(FormatError::BadChecksum);
     }
     check_version(get_u16(b, 8))?;
+    check_reserved(b, 10, 16)?;
+    check_reserved(b, 32, 60)?;
     Ok((get_u64(b, 16), get_u64(b, 24)))
 }
 
@@ -376,6 +388,7 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, FormatError> {
     if flags & !KNOWN_FLAGS != 0 {
         return Err(FormatError::Invalid("unknown entry flags"));
     }
+    check_reserved(b, 44, 60)?;
     let in_batch = flags & FLAG_IN_BATCH != 0;
     let seq = get_u64(b, 8);
     match kind {
@@ -408,6 +421,7 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, FormatError> {
             Ok(Entry::Record { record, in_batch })
         }
         KIND_ZERO => {
+            check_reserved(b, 32, 44)?;
             let logical = get_u64(b, 16);
             let len = get_u64(b, 24);
             if len == 0 || logical.checked_add(len).is_none() {
@@ -431,6 +445,8 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, FormatError> {
             if flags & (FLAG_IN_BATCH | FLAG_KEEP_ALLOCATED) != 0 {
                 return Err(FormatError::Invalid("flags on a batch mark"));
             }
+            // Unused: bytes 32..40, and 40..44 too in a begin (only an end has a checksum).
+            check_reserved(b, 32, if kind == KIND_BATCH_BEGIN { 44 } else { 40 })?;
             let first_seq = seq;
             let last_seq = get_u64(b, 16);
             let count = get_u64(b, 24);
