@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 /// contents are there, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     // A bare file name has an empty parent: that is the current directory.
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -85,6 +88,9 @@ mod tests {
         let r = write_atomic(Path::new("ready.json"), b"{}");
         std::env::set_current_dir(old).expect("cd back");
         r.expect("bare file name");
-        assert_eq!(fs::read(dir.path().join("ready.json")).expect("read"), b"{}");
+        assert_eq!(
+            fs::read(dir.path().join("ready.json")).expect("read"),
+            b"{}"
+        );
     }
 }

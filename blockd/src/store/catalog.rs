@@ -91,6 +91,16 @@ impl Catalog {
         ids
     }
 
+    /// Segments a crash may have left unsealed: the last one of each volume's log. Every
+    /// other segment was sealed (and synced) before the catalog named a later one or a
+    /// snapshot took it, so recovery must find it complete.
+    pub fn maybe_unsealed(&self) -> std::collections::HashSet<SegmentId> {
+        self.volumes
+            .iter()
+            .filter_map(|v| v.segments.last().copied())
+            .collect()
+    }
+
     /// Structural checks: unique ids and names, known parents, no cycles, every segment
     /// owned exactly once.
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -162,6 +172,21 @@ impl Default for Config {
         Config {
             segment_bytes: 256 << 20,
         }
+    }
+}
+
+/// The smallest segment that always has room for a maximal record after its header.
+pub const MIN_SEGMENT_BYTES: u64 = 2 * super::format::MAX_RECORD_BYTES as u64;
+
+impl Config {
+    pub fn validate(&self) -> Result<()> {
+        if self.segment_bytes < MIN_SEGMENT_BYTES {
+            return Err(StoreError::invalid(format!(
+                "segment size {} is below the minimum of {MIN_SEGMENT_BYTES} bytes",
+                self.segment_bytes
+            )));
+        }
+        Ok(())
     }
 }
 

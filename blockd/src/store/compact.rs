@@ -2,10 +2,12 @@
 //!
 //! Two tools, both on sealed segments only:
 //!
-//! * **Punching**: the page-aligned parts of a segment's dead payload ranges are freed with
+//! * **Punching**: the page-aligned parts of a segment's dead payloads are freed with
 //!   `fallocate(PUNCH_HOLE)`. Offsets do not move, so no map changes and nothing needs to
 //!   be recovered differently; this works for segments owned by snapshots, whose maps are
-//!   shared and never change.
+//!   shared and never change. Only whole payloads are punched: a payload's checksum
+//!   covers all of it, so one that is still partly live stays intact (rewriting reclaims
+//!   its dead part).
 //! * **Rewriting** (segments a writable volume owns, with a low live fraction): the live
 //!   parts of its writes are copied into a new segment, together with all of its zero
 //!   records (they may still shadow older data), and the new segment takes the old one's
@@ -76,16 +78,19 @@ fn live_ranges(state: &MapState, ids: &[SegmentId]) -> HashMap<SegmentId, Vec<(u
     out
 }
 
-/// Frees the page-aligned parts of everything in `seg` outside `live` (sorted).
+/// Frees the page-aligned parts of `seg` between the payloads that `live` (sorted) still
+/// touches: whole dead payloads and the padding around them. A payload that is even partly
+/// live is kept whole, because its checksum covers all of it: punching its dead pages
+/// would make every later read of its live part fail verification (EIO) once the segment
+/// is loaded from disk again.
 fn punch_dead(seg: &Segment, live: &[(u64, u64)]) -> Result<u64> {
-    let end = seg
-        .payload_ranges()
+    let payloads = seg.payload_ranges();
+    let end = payloads
         .iter()
         .map(|&(o, n)| o + n)
         .max()
         .unwrap_or(DAT_HEADER_BYTES);
     let mut freed = 0;
-    let mut pos = DAT_HEADER_BYTES;
     let mut punch = |from: u64, to: u64| -> Result<()> {
         let a = from.next_multiple_of(PAGE_BYTES);
         let b = to / PAGE_BYTES * PAGE_BYTES;
@@ -95,16 +100,32 @@ fn punch_dead(seg: &Segment, live: &[(u64, u64)]) -> Result<u64> {
         }
         Ok(())
     };
-    for &(o, n) in live {
-        if o > pos {
-            punch(pos, o)?;
+    // Both lists are sorted by offset and payloads do not overlap: walk them together.
+    let mut pos = DAT_HEADER_BYTES;
+    let mut l = 0;
+    for &(o, n) in &payloads {
+        while l < live.len() && live[l].0 + live[l].1 <= o {
+            l += 1;
         }
-        pos = pos.max(o + n);
+        let is_live = l < live.len() && live[l].0 < o + n;
+        if is_live {
+            if o > pos {
+                punch(pos, o)?;
+            }
+            pos = pos.max(o + n);
+        }
     }
     if end > pos {
         punch(pos, end)?;
     }
     Ok(freed)
+}
+
+/// Whether a sealed segment has enough dead payload, new since it was last punched.
+fn wants_punch(seg: &Segment, state: &MapState, policy: &Policy) -> bool {
+    let live = state.own_live.get(&seg.id).copied().unwrap_or(0);
+    let dead = seg.payload_bytes().saturating_sub(live);
+    dead >= policy.punch_min_dead_bytes && seg.punched_at_live.load(Ordering::Relaxed) != live
 }
 
 impl Store {
@@ -137,13 +158,10 @@ impl Store {
             .collect();
         let ranges = live_ranges(state, &ids);
         for seg in segs.iter().filter(|s| s.is_sealed()) {
-            let live = state.own_live.get(&seg.id).copied().unwrap_or(0);
-            let dead = seg.payload_bytes().saturating_sub(live);
-            if dead < policy.punch_min_dead_bytes
-                || seg.punched_at_live.load(Ordering::Relaxed) == live
-            {
+            if !wants_punch(seg, state, policy) {
                 continue;
             }
+            let live = state.own_live.get(&seg.id).copied().unwrap_or(0);
             report.bytes_punched +=
                 punch_dead(seg, ranges.get(&seg.id).map(Vec::as_slice).unwrap_or(&[]))?;
             seg.punched_at_live.store(live, Ordering::Relaxed);
@@ -167,11 +185,28 @@ impl Store {
                 .collect();
             (segs, v.state.read().clone())
         };
-        let mut punch = Vec::new();
-        for seg in segs {
+        let rewrite = |seg: &Segment| {
             let payload = seg.payload_bytes();
             let live = state.own_live.get(&seg.id).copied().unwrap_or(0);
-            if payload > 0 && (live as f64) < policy.rewrite_below_live_fraction * payload as f64 {
+            payload > 0 && (live as f64) < policy.rewrite_below_live_fraction * payload as f64
+        };
+        if !segs
+            .iter()
+            .any(|seg| rewrite(seg) || wants_punch(seg, &state, policy))
+        {
+            return Ok(());
+        }
+        // Liveness is judged on this copy of the map, which may reflect writes not flushed
+        // yet: data they shadow is still what a crash would bring back. Flushing makes
+        // every record the copy reflects durable, so what is dead in it stays dead. A
+        // volume that cannot be flushed is left alone.
+        if let Err(e) = v.flush_volume() {
+            tracing::warn!(volume = %v.name, error = %e, "not compacting a volume that cannot be flushed");
+            return Ok(());
+        }
+        let mut punch = Vec::new();
+        for seg in segs {
+            if rewrite(&seg) {
                 match self.rewrite_segment(v, &seg, &state) {
                     Ok(Some((copied, removed))) => {
                         report.bytes_copied += copied;

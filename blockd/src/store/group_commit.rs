@@ -83,6 +83,13 @@ impl GroupCommit {
         }
     }
 
+    /// Fails this and every later flush, as a failed sync inside [`GroupCommit::flush`]
+    /// does: for syncs of the owner's data made elsewhere (sealing a segment).
+    pub fn poison(&self) {
+        self.state.lock().failed = true;
+        self.cv.notify_all();
+    }
+
     /// True once a sync has failed.
     pub fn is_poisoned(&self) -> bool {
         self.state.lock().failed

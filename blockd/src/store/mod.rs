@@ -106,4 +106,6 @@ pub fn check_volume_size(size: u64) -> Result<()> {
     Ok(())
 }
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;

@@ -8,10 +8,15 @@
 //! segments never change again, except that compaction may punch out payloads no map
 //! refers to any more.
 //!
-//! Recovery ([`load`]) trusts committed records (their payloads were durable before the
-//! batch was written, so a bad payload checksum later means corruption: reads of that
+//! Recovery ([`load_checked`]) trusts committed records (their payloads were durable before
+//! the batch was written, so a bad payload checksum later means corruption: reads of that
 //! range fail with EIO) and accepts provisional records after the last batch only while
-//! their payload checksums hold (a torn tail is cut there).
+//! their payload checksums hold (a torn tail is cut there). Every record copy found inside
+//! a batch counts as committed, also in a damaged batch, and a seal batch with a damaged
+//! mark or copy is rebuilt from its other copies, so that damage to one copy of an entry
+//! is never mistaken for a torn tail (which would silently bring back older data). A
+//! segment the catalog shows was sealed cannot have a torn tail at all: damage that leaves
+//! its records uncertain fails recovery with a Corrupt error instead.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -205,8 +210,8 @@ pub struct Active {
 }
 
 impl Active {
-    /// Creates the files of a new segment. The caller syncs the directory (and records the
-    /// segment in the catalog) before relying on it.
+    /// Creates the files of a new segment, headers synced. The caller syncs the directory
+    /// (and records the segment in the catalog) before relying on it.
     pub fn create(fs: &dyn Fs, dir: &Path, id: SegmentId, first_seq: u64) -> Result<Active> {
         let io_err = |what: &str, e| StoreError::io(format!("{what} segment {id:016x}"), e);
         let dat = fs
@@ -238,6 +243,11 @@ impl Active {
             0,
         )
         .map_err(|e| io_err("writing", e))?;
+        // The headers are durable before anyone names the segment: recovery refuses a
+        // segment the catalog names whose header is missing or torn, so a crash between the
+        // catalog update and the first flush would otherwise leave a store that cannot open.
+        dat.sync_data().map_err(|e| io_err("syncing", e))?;
+        idx.sync_data().map_err(|e| io_err("syncing", e))?;
         Ok(Active {
             seg: Arc::new(Segment::new(id, dat)),
             idx,
@@ -374,7 +384,8 @@ pub struct LoadedSegment {
     pub seg: Arc<Segment>,
     /// The records to replay, in order.
     pub records: Vec<Record>,
-    /// True if the segment carried a valid seal batch.
+    /// True if the segment carried a seal batch whose every record copy is intact (false
+    /// for a seal batch rebuilt from provisional copies: recovery seals it again).
     pub sealed: bool,
     /// Provisional records after the last batch that were dropped (torn tail).
     pub dropped_tail: usize,
@@ -389,10 +400,37 @@ fn damaged(id: SegmentId, detail: impl Into<String>) -> StoreError {
     }
 }
 
-/// Reads a segment's index and decides which records it holds (see the module docs).
-/// `check_tail` verifies the payload checksums of provisional records (recovery does;
-/// it costs a read of those payloads).
+/// Reads a segment's index and decides which records it holds (see the module docs), for
+/// a segment that may legitimately be unsealed: the last segment of a volume's log, which
+/// a crash can leave with a torn tail. Same as [`load_checked`] with `must_be_sealed`
+/// false.
 pub fn load(fs: &dyn Fs, dir: &Path, id: SegmentId) -> Result<LoadedSegment> {
+    load_checked(fs, dir, id, false)
+}
+
+/// Reads a segment's index and decides which records it holds.
+///
+/// * A complete seal batch lists them all.
+/// * Every record copy found inside a batch is trusted, also in a damaged or torn batch: a
+///   batch is written only after the payloads of its records were synced.
+/// * A seal batch with a damaged mark or copy is rebuilt from a mark that survived (its
+///   sequence range) and either copy of each record. If some record was found only in its
+///   provisional copy, the segment is reported unsealed so that recovery seals it again.
+/// * Otherwise: every record up to the last complete batch (either copy, or the segment is
+///   corrupt), then records up to the last batch copy found, then the provisional tail
+///   while its payload checksums hold (a torn tail is cut there). A record some batch
+///   claims can only be missing because of damage (the index is append-only and a torn
+///   write leaves whole zero slots, never unreadable ones), so that is an error too.
+///
+/// `must_be_sealed` says the segment is known to have been sealed and synced (the catalog
+/// names a later segment after it, or a snapshot owns it), so nothing in it can be torn:
+/// damage that leaves its records uncertain is then an error, never a shorter segment.
+pub fn load_checked(
+    fs: &dyn Fs,
+    dir: &Path,
+    id: SegmentId,
+    must_be_sealed: bool,
+) -> Result<LoadedSegment> {
     let io_err = |what: &str, e| StoreError::io(format!("{what} segment {id:016x}"), e);
     let dat = fs
         .open(&dat_path(dir, id))
@@ -411,8 +449,29 @@ pub fn load(fs: &dyn Fs, dir: &Path, id: SegmentId) -> Result<LoadedSegment> {
     let slots: Vec<&[u8]> = idx_bytes[ENTRY_BYTES..].chunks_exact(ENTRY_BYTES).collect();
     let mut notes = Vec::new();
     let mut provisional: BTreeMap<u64, Record> = BTreeMap::new();
-    let mut committed: BTreeMap<u64, Record> = BTreeMap::new();
+    // Record copies inside batches, complete or not.
+    let mut copies: BTreeMap<u64, Record> = BTreeMap::new();
+    let add_copy = |copies: &mut BTreeMap<u64, Record>, r: Record| -> Result<()> {
+        match copies.insert(r.seq(), r) {
+            Some(prev) if prev != r => Err(damaged(
+                id,
+                format!("two committed versions of seq {}", r.seq()),
+            )),
+            _ => Ok(()),
+        }
+    };
+    // Highest sequence number of a complete batch.
+    let mut last_complete: Option<u64> = None;
+    // The last complete seal batch, and the (first, last, count) of the last seal batch
+    // seen only through one of its marks.
     let mut seal: Option<Vec<Record>> = None;
+    let mut seal_mark: Option<(u64, u64, u32)> = None;
+    // Highest sequence number any batch mark (of a complete batch or not) claims.
+    let mut max_mark: Option<u64> = None;
+    // Slots holding something unreadable. The index is append-only and written in whole
+    // 64-byte slots, and a torn write leaves whole sectors unwritten (zeroes), so these are
+    // damage, never a torn write.
+    let mut damaged_slots = 0;
     let mut max_seq_seen = None::<u64>;
     let mut i = 0;
     while i < slots.len() {
@@ -431,41 +490,69 @@ pub fn load(fs: &dyn Fs, dir: &Path, id: SegmentId) -> Result<LoadedSegment> {
                 }
                 i += 1;
             }
+            // A copy outside a complete batch: its batch is damaged (or torn).
+            Ok(Entry::Record {
+                record,
+                in_batch: true,
+            }) => {
+                add_copy(&mut copies, record)?;
+                i += 1;
+            }
             Ok(Entry::BatchBegin {
                 first_seq,
                 last_seq,
                 count,
                 seal: is_seal,
-            }) => match parse_batch(&slots, i, first_seq, last_seq, count, is_seal) {
-                Some(records) => {
-                    for r in &records {
-                        if let Some(prev) = committed.insert(r.seq(), *r)
-                            && prev != *r
-                        {
-                            return Err(damaged(
-                                id,
-                                format!("two committed versions of seq {}", r.seq()),
-                            ));
+            }) => {
+                if count > 0 {
+                    max_mark = max_mark.max(Some(last_seq));
+                }
+                match parse_batch(&slots, i, first_seq, last_seq, count, is_seal) {
+                    Some(records) => {
+                        for r in &records {
+                            add_copy(&mut copies, *r)?;
                         }
+                        if count > 0 {
+                            last_complete = last_complete.max(Some(last_seq));
+                        }
+                        if is_seal {
+                            seal = Some(records);
+                        }
+                        i += count as usize + 2;
                     }
-                    if is_seal {
-                        seal = Some(records);
+                    None => {
+                        notes.push(format!(
+                            "slot {}: incomplete commit batch (torn write or damage)",
+                            i + 1
+                        ));
+                        if is_seal {
+                            seal_mark = Some((first_seq, last_seq, count));
+                        }
+                        i += 1;
                     }
-                    i += count as usize + 2;
                 }
-                None => {
-                    notes.push(format!(
-                        "slot {}: incomplete commit batch (torn write or damage)",
-                        i + 1
-                    ));
-                    i += 1;
+            }
+            // The end of a batch whose begin is damaged.
+            Ok(Entry::BatchEnd {
+                first_seq,
+                last_seq,
+                count,
+                seal: is_seal,
+                ..
+            }) => {
+                if count > 0 {
+                    max_mark = max_mark.max(Some(last_seq));
                 }
-            },
-            // Copies inside a damaged batch, stray batch ends, zero padding: skipped.
-            Ok(_) => i += 1,
+                if is_seal {
+                    seal_mark = Some((first_seq, last_seq, count));
+                }
+                i += 1;
+            }
+            // Zero padding (slots reserved for a batch that was never written): skipped.
             Err(FormatError::BadMagic) if slots[i].iter().all(|&b| b == 0) => i += 1,
             Err(e) => {
                 notes.push(format!("slot {}: unreadable entry ({e})", i + 1));
+                damaged_slots += 1;
                 i += 1;
             }
         }
@@ -475,24 +562,77 @@ pub fn load(fs: &dyn Fs, dir: &Path, id: SegmentId) -> Result<LoadedSegment> {
         let _ = seg.payloads.set(Payloads::new(payloads, UNVERIFIED));
         Arc::new(seg)
     };
-    if let Some(records) = seal {
-        let payloads = payloads_of(&records);
-        return Ok(LoadedSegment {
-            seg: seg_with(payloads),
+    let loaded = |records: Vec<Record>, sealed: bool, dropped_tail: usize, notes: Vec<String>| {
+        LoadedSegment {
+            seg: seg_with(payloads_of(&records)),
             records,
-            sealed: true,
-            dropped_tail: 0,
+            sealed,
+            dropped_tail,
             notes,
-        });
+        }
+    };
+    if let Some(records) = seal {
+        return Ok(loaded(records, true, 0, notes));
     }
-    // Not sealed: committed records, with provisional copies filling any gap (a damaged
-    // batch), then the provisional tail while its payloads check out.
-    let last_committed = committed.keys().next_back().copied();
+    let payload_ok = |r: &Record| match *r {
+        Record::Write {
+            data_off,
+            len,
+            data_crc,
+            ..
+        } => {
+            let mut payload = vec![0u8; len as usize];
+            dat.read_exact_at(&mut payload, data_off).is_ok()
+                && format::payload_crc(&payload) == data_crc
+        }
+        Record::Zero { .. } => true,
+    };
+    // Up to the last batch copy, payloads were synced before that batch was written: a bad
+    // one is damage (reads of it fail), not a torn write.
+    let max_copy = copies.keys().next_back().copied();
+    let synced = |seq: u64| must_be_sealed || max_copy.is_some_and(|m| seq <= m);
+    if let Some((first, last, count)) = seal_mark
+        && (count == 0 || (first == ih.first_seq && count as usize <= slots.len()))
+    {
+        let mut records = Vec::with_capacity(count as usize);
+        let mut from_provisional = 0;
+        if count > 0 {
+            for seq in first..=last {
+                if let Some(r) = copies.get(&seq) {
+                    records.push(*r);
+                } else if let Some(r) = provisional
+                    .get(&seq)
+                    .filter(|r| synced(seq) || payload_ok(r))
+                {
+                    records.push(*r);
+                    from_provisional += 1;
+                } else {
+                    break;
+                }
+            }
+        }
+        if records.len() == count as usize {
+            notes.push(format!(
+                "damaged seal batch: its {count} record(s) recovered from their other copies"
+            ));
+            // Sealed only if every record has an intact batch copy; otherwise recovery
+            // seals it again.
+            return Ok(loaded(records, from_provisional == 0, 0, notes));
+        }
+    }
+    if must_be_sealed {
+        return Err(damaged(
+            id,
+            "the segment was sealed, but its seal batch and another copy of a record in it are \
+             unreadable",
+        ));
+    }
+    // Not sealed.
     let mut records = Vec::new();
     let mut seq = ih.first_seq;
-    if let Some(last) = last_committed {
+    if let Some(last) = last_complete {
         while seq <= last {
-            match committed.get(&seq).or_else(|| provisional.get(&seq)) {
+            match copies.get(&seq).or_else(|| provisional.get(&seq)) {
                 Some(r) => records.push(*r),
                 None => {
                     return Err(damaged(
@@ -501,29 +641,52 @@ pub fn load(fs: &dyn Fs, dir: &Path, id: SegmentId) -> Result<LoadedSegment> {
                     ));
                 }
             }
-            seq += 1;
+            // Nothing can follow a record with seq u64::MAX.
+            let Some(next) = seq.checked_add(1) else {
+                return Ok(loaded(records, false, 0, notes));
+            };
+            seq = next;
         }
+    }
+    // Then records some batch holds, then the provisional tail. Where a batch claims a
+    // record, its payload was synced before the batch was written, so neither a missing
+    // record (with damaged slots around) nor a bad payload can be a torn write: that is
+    // damage, and cutting the segment there would silently bring back older data.
+    let claimed = |seq: u64| max_mark.max(max_copy).is_some_and(|m| seq <= m);
+    loop {
+        let r = match copies.get(&seq) {
+            Some(r) => *r,
+            None => match provisional.get(&seq) {
+                Some(r) if synced(seq) || payload_ok(r) => *r,
+                Some(_) if claimed(seq) => {
+                    return Err(damaged(
+                        id,
+                        format!(
+                            "the payload of record seq {seq}, which a commit batch holds, fails \
+                             its checksum and the batch is damaged"
+                        ),
+                    ));
+                }
+                None if claimed(seq) && damaged_slots > 0 => {
+                    return Err(damaged(
+                        id,
+                        format!(
+                            "record seq {seq}, which a commit batch holds, is unreadable in both \
+                             of its copies"
+                        ),
+                    ));
+                }
+                _ => break,
+            },
+        };
+        records.push(r);
+        let Some(next) = seq.checked_add(1) else {
+            return Ok(loaded(records, false, 0, notes));
+        };
+        seq = next;
     }
     let mut dropped_tail = 0;
-    while let Some(r) = provisional.get(&seq) {
-        if let Record::Write {
-            data_off,
-            len,
-            data_crc,
-            ..
-        } = r
-        {
-            let mut payload = vec![0u8; *len as usize];
-            let ok = dat.read_exact_at(&mut payload, *data_off).is_ok()
-                && format::payload_crc(&payload) == *data_crc;
-            if !ok {
-                break;
-            }
-        }
-        records.push(*r);
-        seq += 1;
-    }
-    if let Some(max) = max_seq_seen
+    if let Some(max) = max_seq_seen.max(max_copy)
         && max >= seq
     {
         dropped_tail = provisional.range(seq..).count();
@@ -531,14 +694,7 @@ pub fn load(fs: &dyn Fs, dir: &Path, id: SegmentId) -> Result<LoadedSegment> {
             "torn tail: {dropped_tail} unflushed record(s) from seq {seq} dropped"
         ));
     }
-    let payloads = payloads_of(&records);
-    Ok(LoadedSegment {
-        seg: seg_with(payloads),
-        records,
-        sealed: false,
-        dropped_tail,
-        notes,
-    })
+    Ok(loaded(records, false, dropped_tail, notes))
 }
 
 fn payloads_of(records: &[Record]) -> Vec<(u64, u32, u32)> {

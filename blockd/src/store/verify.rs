@@ -115,8 +115,9 @@ pub fn check(fs: &dyn Fs, dir: &Path) -> VerifyReport {
         }
     }
     let mut loaded = HashMap::new();
+    let maybe_unsealed = cat.maybe_unsealed();
     for id in &known {
-        match segment::load(fs, &seg_dir, *id) {
+        match segment::load_checked(fs, &seg_dir, *id, !maybe_unsealed.contains(id)) {
             Ok(l) => {
                 rep.records += l.records.len();
                 for n in &l.notes {

@@ -153,18 +153,18 @@ impl MapState {
         self.own_live.values().sum()
     }
 
-    /// Recomputes the live bytes of `segs` (just taken over by this owner) from the map.
+    /// Computes the live bytes of `segs` (just taken over by this owner) from the map. The
+    /// counts of the segments it already owned are up to date and left alone.
     pub fn adopt(&mut self, segs: &[SegmentId]) {
-        for id in segs {
-            self.own_live.insert(*id, 0);
-        }
+        let mut adopted: HashMap<SegmentId, u64> = segs.iter().map(|id| (*id, 0)).collect();
         for (_, len, t) in self.map.iter() {
             if let Target::Data(loc) = t
-                && let Some(v) = self.own_live.get_mut(&loc.seg.id)
+                && let Some(v) = adopted.get_mut(&loc.seg.id)
             {
                 *v += len;
             }
         }
+        self.own_live.extend(adopted);
     }
 
     /// (offset, len) of every data extent in segment `id`, sorted by offset in the segment.
@@ -358,10 +358,20 @@ impl VolumeCore {
     }
 
     /// Seals the active segment (caller holds `sync_lock` and `log`).
+    ///
+    /// Sealing syncs the volume's data, so it follows the flush rule: after a failed sync
+    /// nothing is sealed any more (a seal would claim durability for writes the failed
+    /// sync may have lost), and a failed seal fails every later flush. Otherwise a later
+    /// sync could succeed and make the failed seal batch durable, and recovery would trust
+    /// it over records flushed after it.
     pub(crate) fn seal_active(&self, log: &mut Log) -> Result<()> {
+        if self.commit.is_poisoned() && log.active.is_some() {
+            return Err(StoreError::FlushFailed { what: self.what() });
+        }
         if let Some(mut a) = log.active.take() {
             let pending = a.prepare_seal();
             if let Err(e) = pending.write() {
+                self.commit.poison();
                 log.active = Some(a);
                 return Err(StoreError::io(
                     format!("sealing a segment of {}", self.what()),
