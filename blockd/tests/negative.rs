@@ -3,28 +3,25 @@
 //! disturb another.
 //!
 //! Two kinds of client: libnbd (from the system Python, with strict mode off so it sends
-//! requests it would normally refuse) and a raw client speaking the wire format through
-//! nbd-proto's client-side encoders and decoders, for what no real client library sends.
+//! requests it would normally refuse) and the tests' raw client (common::nbd), speaking the
+//! wire format through nbd-proto's client-side encoders and decoders, for what no real
+//! client library sends.
 
 mod common;
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::nbd::{Client, encode_request, go_data, types};
 use common::{Daemon, SYSTEM_PYTHON, pattern, run_with_timeout};
 use nbd_proto::consts::*;
-use nbd_proto::handshake::{self as hs, GoRequest, Info, MetaContextRequest, OptionReplyHeader};
-use nbd_proto::transmission::{self as tx, ChunkHeader, Command, Request, SimpleReply};
+use nbd_proto::handshake::{self as hs, MetaContextRequest};
+use nbd_proto::transmission::{self as tx, SimpleReply};
 
-/// Every socket read and write in these tests gives up after this long.
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a server may take to close a connection it should close.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const VOLUME: &str = "vol";
 const VOLUME_SIZE: u64 = 4 << 20;
 
@@ -32,239 +29,6 @@ fn daemon() -> Daemon {
     let d = Daemon::start();
     d.create_volume(VOLUME, "4M");
     d
-}
-
-// ---------------------------------------------------------------- raw client
-
-/// A client that speaks the wire format byte by byte.
-struct Raw {
-    s: TcpStream,
-}
-
-impl Raw {
-    /// Connects and reads the server greeting; returns the client and the handshake flags.
-    fn connect(d: &Daemon) -> (Raw, u16) {
-        let s = TcpStream::connect(&d.nbd).expect("connect to blockd");
-        s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
-        s.set_write_timeout(Some(IO_TIMEOUT))
-            .expect("write timeout");
-        let _ = s.set_nodelay(true);
-        let mut raw = Raw { s };
-        let greeting = raw.read_n(GREETING_BYTES);
-        let flags = hs::decode_greeting(&greeting).expect("valid greeting");
-        (raw, flags)
-    }
-
-    /// Connects, sends FIXED_NEWSTYLE | NO_ZEROES, and is ready for options.
-    fn negotiating(d: &Daemon) -> Raw {
-        let (mut raw, flags) = Raw::connect(d);
-        assert_eq!(
-            flags,
-            FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
-            "blockd offers fixed newstyle and no-zeroes"
-        );
-        raw.client_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
-        raw
-    }
-
-    /// A client in the transmission phase on [`VOLUME`], with or without structured replies.
-    fn transmission(d: &Daemon, structured: bool) -> Raw {
-        let mut raw = Raw::negotiating(d);
-        if structured {
-            let replies = raw.ask(OPT_STRUCTURED_REPLY, &[]);
-            assert_eq!(types(&replies), vec![REP_ACK]);
-        }
-        raw.go(VOLUME);
-        raw
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).expect("send to blockd");
-    }
-
-    fn read_n(&mut self, n: usize) -> Vec<u8> {
-        let mut buf = vec![0; n];
-        self.s
-            .read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("reading {n} bytes from blockd: {e}"));
-        buf
-    }
-
-    fn client_flags(&mut self, bits: u32) {
-        self.send(&bits.to_be_bytes());
-    }
-
-    fn option(&mut self, option: u32, data: &[u8]) {
-        let mut out = Vec::new();
-        hs::encode_option(&mut out, option, data);
-        self.send(&out);
-    }
-
-    fn option_reply(&mut self) -> (OptionReplyHeader, Vec<u8>) {
-        let header = self.read_n(OPTION_REPLY_HEADER_BYTES);
-        let header = hs::decode_option_reply_header(&header).expect("option reply magic");
-        assert!(
-            header.len <= 64 * 1024,
-            "option reply of {} bytes is unreasonably long",
-            header.len
-        );
-        let payload = self.read_n(header.len as usize);
-        (header, payload)
-    }
-
-    /// Sends an option and reads its replies up to the final one (ACK or an error). Every
-    /// reply must name the option it answers.
-    fn ask(&mut self, option: u32, data: &[u8]) -> Vec<(OptionReplyHeader, Vec<u8>)> {
-        self.option(option, data);
-        let mut replies = Vec::new();
-        loop {
-            let (header, payload) = self.option_reply();
-            assert_eq!(header.option, option, "reply names the option it answers");
-            let last = header.reply_type == REP_ACK || header.is_error();
-            replies.push((header, payload));
-            if last {
-                return replies;
-            }
-            assert!(replies.len() < 100, "endless option replies");
-        }
-    }
-
-    /// NBD_OPT_GO on `name`; asserts it succeeds and returns (size, transmission flags).
-    fn go(&mut self, name: &str) -> (u64, u16) {
-        let go = GoRequest {
-            name: name.into(),
-            info_requests: vec![INFO_BLOCK_SIZE],
-        };
-        let replies = self.ask(OPT_GO, &go.encode());
-        let last = &replies[replies.len() - 1];
-        assert_eq!(
-            last.0.reply_type,
-            REP_ACK,
-            "GO {name} failed: {}",
-            String::from_utf8_lossy(&last.1)
-        );
-        assert!(last.1.is_empty(), "ACK to GO must have no payload");
-        let mut export = None;
-        for (h, payload) in &replies[..replies.len() - 1] {
-            assert_eq!(h.reply_type, REP_INFO);
-            if let Info::Export { size, flags } = hs::decode_info(payload).expect("valid info") {
-                export = Some((size, flags));
-            }
-        }
-        export.expect("GO replies include NBD_INFO_EXPORT")
-    }
-
-    /// Asserts that the server closes the connection without sending anything more.
-    fn assert_closed(&mut self, what: &str) {
-        self.s
-            .set_read_timeout(Some(CLOSE_TIMEOUT))
-            .expect("read timeout");
-        let mut buf = [0u8; 4096];
-        match self.s.read(&mut buf) {
-            Ok(0) => {}
-            Ok(n) => panic!(
-                "{what}: expected the server to close, got {n} more bytes: {:02x?}",
-                &buf[..n.min(64)]
-            ),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("{what}: the server did not close the connection within {CLOSE_TIMEOUT:?}")
-            }
-            Err(e) => panic!("{what}: unexpected error waiting for the close: {e}"),
-        }
-    }
-
-    fn request(&mut self, command: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
-        self.send(&encode_req(command, flags, cookie, offset, len, &[]));
-    }
-
-    fn simple_reply(&mut self) -> SimpleReply {
-        let header = self.read_n(SIMPLE_REPLY_BYTES);
-        tx::decode_simple_reply(&header).expect("simple reply")
-    }
-
-    /// Reads structured chunks until one has the DONE flag.
-    fn structured_reply(&mut self) -> Vec<(ChunkHeader, Vec<u8>)> {
-        let mut chunks = Vec::new();
-        loop {
-            let header = self.read_n(CHUNK_HEADER_BYTES);
-            let header = tx::decode_chunk_header(&header).expect("structured reply chunk");
-            let payload = self.read_n(header.len as usize);
-            let done = header.is_done();
-            chunks.push((header, payload));
-            if done {
-                return chunks;
-            }
-        }
-    }
-
-    /// Writes `data` at `offset` and waits for success (simple replies).
-    fn write_ok(&mut self, cookie: u64, offset: u64, data: &[u8]) {
-        self.send(&encode_req(
-            CMD_WRITE,
-            0,
-            cookie,
-            offset,
-            data.len() as u32,
-            data,
-        ));
-        let r = self.simple_reply();
-        assert_eq!((r.cookie, r.error), (cookie, 0), "write at {offset}");
-    }
-
-    /// Reads `len` bytes at `offset` (simple replies).
-    fn read_ok(&mut self, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-        self.request(CMD_READ, 0, cookie, offset, len);
-        let r = self.simple_reply();
-        assert_eq!((r.cookie, r.error), (cookie, 0), "read at {offset}");
-        self.read_n(len as usize)
-    }
-
-    /// A write and a read-back on a simple-reply connection, proving it is still usable.
-    fn assert_usable(&mut self, seed: u64) {
-        let data = pattern(seed, 4096);
-        self.write_ok(seed, 8192, &data);
-        assert_eq!(
-            self.read_ok(seed + 1, 8192, 4096),
-            data,
-            "read-back after a write"
-        );
-    }
-}
-
-fn encode_req(
-    command: u16,
-    flags: u16,
-    cookie: u64,
-    offset: u64,
-    len: u32,
-    data: &[u8],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(REQUEST_BYTES + data.len());
-    tx::encode_request(
-        &mut out,
-        &Request {
-            flags,
-            command: Command::from_wire(command),
-            cookie,
-            offset,
-            len,
-        },
-    );
-    out.extend_from_slice(data);
-    out
-}
-
-fn types(replies: &[(OptionReplyHeader, Vec<u8>)]) -> Vec<u32> {
-    replies.iter().map(|(h, _)| h.reply_type).collect()
-}
-
-fn go_data(name: &str) -> Vec<u8> {
-    GoRequest {
-        name: name.into(),
-        info_requests: vec![],
-    }
-    .encode()
 }
 
 // ---------------------------------------------------------------- libnbd scripts
@@ -312,7 +76,7 @@ fn libnbd_option_mode_errors_leave_the_handshake_usable() {
 #[test]
 fn unknown_option_gets_err_unsup_and_the_next_option_works() {
     let d = daemon();
-    let mut c = Raw::negotiating(&d);
+    let mut c = Client::negotiating(&d);
     for option in [0x1234_5678, OPT_PEEK_EXPORT, u32::MAX] {
         let replies = c.ask(option, b"some data the server cannot understand");
         assert_eq!(types(&replies), vec![REP_ERR_UNSUP], "option {option:#x}");
@@ -329,7 +93,7 @@ fn unknown_option_gets_err_unsup_and_the_next_option_works() {
 #[test]
 fn qemu_sequence_extended_headers_refused_then_structured_replies_and_block_status() {
     let d = daemon();
-    let mut c = Raw::negotiating(&d);
+    let mut c = Client::negotiating(&d);
     // qemu >= 8.2 opens with EXTENDED_HEADERS and falls back when it is refused.
     assert_eq!(
         types(&c.ask(OPT_EXTENDED_HEADERS, &[])),
@@ -353,7 +117,7 @@ fn qemu_sequence_extended_headers_refused_then_structured_replies_and_block_stat
     );
 
     // Block status the way qemu asks: always REQ_ONE.
-    c.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 1, 0, 1 << 20);
+    c.send_request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 1, 0, 1 << 20, &[]);
     let chunks = c.structured_reply();
     assert_eq!(chunks.len(), 1);
     let (h, payload) = &chunks[0];
@@ -364,7 +128,7 @@ fn qemu_sequence_extended_headers_refused_then_structured_replies_and_block_stat
     assert!(extents[0].len <= 1 << 20);
 
     // Reads come back as structured chunks.
-    c.request(CMD_READ, 0, 2, 0, 4096);
+    c.send_request(CMD_READ, 0, 2, 0, 4096, &[]);
     let chunks = c.structured_reply();
     let data: usize = chunks
         .iter()
@@ -383,7 +147,7 @@ fn qemu_sequence_extended_headers_refused_then_structured_replies_and_block_stat
 #[test]
 fn oversized_option_data_gets_err_too_big_and_negotiation_continues() {
     let d = daemon();
-    let mut c = Raw::negotiating(&d);
+    let mut c = Client::negotiating(&d);
     let mut big = go_data(VOLUME);
     big.resize(MAX_OPTION_DATA_BYTES as usize + 4096, 0);
     let replies = c.ask(OPT_GO, &big);
@@ -397,7 +161,7 @@ fn oversized_option_data_gets_err_too_big_and_negotiation_continues() {
 #[test]
 fn malformed_go_gets_err_invalid_and_negotiation_continues() {
     let d = daemon();
-    let mut c = Raw::negotiating(&d);
+    let mut c = Client::negotiating(&d);
     let mut bad_cases: Vec<(&str, Vec<u8>)> = Vec::new();
     // Name length pointing past the option data.
     let mut data = 100u32.to_be_bytes().to_vec();
@@ -429,7 +193,7 @@ fn malformed_go_gets_err_invalid_and_negotiation_continues() {
 #[test]
 fn list_with_data_gets_err_invalid_and_negotiation_continues() {
     let d = daemon();
-    let mut c = Raw::negotiating(&d);
+    let mut c = Client::negotiating(&d);
     assert_eq!(types(&c.ask(OPT_LIST, b"x")), vec![REP_ERR_INVALID]);
     assert_eq!(
         types(&c.ask(OPT_STRUCTURED_REPLY, b"xy")),
@@ -448,19 +212,19 @@ fn client_flags_with_unknown_bits_close_the_connection() {
         FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES | 1 << 31,
         u32::MAX,
     ] {
-        let (mut c, _) = Raw::connect(&d);
+        let (mut c, _) = Client::connect(&d);
         c.client_flags(bits);
         c.assert_closed(&format!("client flags {bits:#x}"));
     }
     // The server is still fine for a well-behaved client.
-    let mut c = Raw::transmission(&d, false);
+    let mut c = Client::transmission(&d, VOLUME, false);
     c.assert_usable(5);
 }
 
 #[test]
 fn export_name_of_an_unknown_export_closes_without_a_reply() {
     let d = daemon();
-    let mut c = Raw::negotiating(&d);
+    let mut c = Client::negotiating(&d);
     c.option(OPT_EXPORT_NAME, b"no-such-volume");
     c.assert_closed("EXPORT_NAME of an unknown export");
 }
@@ -469,7 +233,7 @@ fn export_name_of_an_unknown_export_closes_without_a_reply() {
 fn export_name_reply_has_124_zero_bytes_unless_no_zeroes_was_negotiated() {
     let d = daemon();
     for no_zeroes in [false, true] {
-        let (mut c, _) = Raw::connect(&d);
+        let (mut c, _) = Client::connect(&d);
         let mut bits = FLAG_C_FIXED_NEWSTYLE;
         if no_zeroes {
             bits |= FLAG_C_NO_ZEROES;
@@ -492,7 +256,7 @@ fn export_name_reply_has_124_zero_bytes_unless_no_zeroes_was_negotiated() {
 #[test]
 fn abort_is_acknowledged_then_the_server_closes() {
     let d = daemon();
-    let mut c = Raw::negotiating(&d);
+    let mut c = Client::negotiating(&d);
     assert_eq!(types(&c.ask(OPT_LIST, &[])), vec![REP_SERVER, REP_ACK]);
     let replies = c.ask(OPT_ABORT, &[]);
     assert_eq!(types(&replies), vec![REP_ACK]);
@@ -503,7 +267,7 @@ fn abort_is_acknowledged_then_the_server_closes() {
 #[test]
 fn go_for_an_unknown_export_gets_err_unknown_and_negotiation_continues() {
     let d = daemon();
-    let mut c = Raw::negotiating(&d);
+    let mut c = Client::negotiating(&d);
     for name in ["no-such-volume", ""] {
         let replies = c.ask(OPT_GO, &go_data(name));
         assert_eq!(types(&replies), vec![REP_ERR_UNKNOWN], "GO {name:?}");
@@ -518,7 +282,7 @@ fn go_for_an_unknown_export_gets_err_unknown_and_negotiation_continues() {
 #[test]
 fn exports_in_meta_context_options_must_exist_and_structured_replies_come_first() {
     let d = daemon();
-    let mut c = Raw::negotiating(&d);
+    let mut c = Client::negotiating(&d);
     let meta = MetaContextRequest {
         export: VOLUME.into(),
         queries: vec![META_BASE_ALLOCATION.into()],
@@ -557,9 +321,9 @@ fn exports_in_meta_context_options_must_exist_and_structured_replies_come_first(
 fn a_request_with_bad_magic_disconnects() {
     let d = daemon();
     for magic in [0xdead_beef_u32, EXTENDED_REQUEST_MAGIC, SIMPLE_REPLY_MAGIC] {
-        let mut c = Raw::transmission(&d, false);
+        let mut c = Client::transmission(&d, VOLUME, false);
         c.assert_usable(8);
-        let mut req = encode_req(CMD_READ, 0, 9, 0, 512, &[]);
+        let mut req = encode_request(CMD_READ, 0, 9, 0, 512, &[]);
         req[..4].copy_from_slice(&magic.to_be_bytes());
         c.send(&req);
         c.assert_closed(&format!("request magic {magic:#x}"));
@@ -574,17 +338,17 @@ fn a_request_with_bad_magic_disconnects() {
 #[test]
 fn unknown_command_gets_einval_and_the_connection_stays_usable() {
     let d = daemon();
-    let mut c = Raw::transmission(&d, false);
+    let mut c = Client::transmission(&d, VOLUME, false);
     for (cookie, command) in [(10u64, 8u16), (11, 99), (12, u16::MAX)] {
-        c.request(command, 0, cookie, 0, 512);
+        c.send_request(command, 0, cookie, 0, 512, &[]);
         let r = c.simple_reply();
         assert_eq!((r.cookie, r.error), (cookie, EINVAL), "command {command}");
         c.assert_usable(cookie * 100);
     }
 
     // With structured replies the error comes as an error chunk.
-    let mut c = Raw::transmission(&d, true);
-    c.request(99, 0, 13, 0, 512);
+    let mut c = Client::transmission(&d, VOLUME, true);
+    c.send_request(99, 0, 13, 0, 512, &[]);
     let chunks = c.structured_reply();
     assert_eq!(chunks.len(), 1);
     let (h, payload) = &chunks[0];
@@ -593,7 +357,7 @@ fn unknown_command_gets_einval_and_the_connection_stays_usable() {
     let err = tx::decode_error_chunk(h.ty, payload).expect("error chunk");
     assert_eq!(err.error, EINVAL);
     // Still usable: a write is acknowledged with a simple reply.
-    c.send(&encode_req(CMD_WRITE, 0, 14, 0, 512, &[7u8; 512]));
+    c.send(&encode_request(CMD_WRITE, 0, 14, 0, 512, &[7u8; 512]));
     assert_eq!(
         c.simple_reply(),
         SimpleReply {
@@ -606,18 +370,17 @@ fn unknown_command_gets_einval_and_the_connection_stays_usable() {
 #[test]
 fn an_oversize_write_payload_is_skipped_and_the_stream_stays_in_sync() {
     let d = daemon();
-    let mut c = Raw::transmission(&d, false);
+    let mut c = Client::transmission(&d, VOLUME, false);
     let len = MAX_PAYLOAD_BYTES + 512;
     // The payload looks like requests: if the server parsed it, the replies would show.
-    let decoy = encode_req(CMD_WRITE, 0, 666, 0, 0, &[]);
+    let decoy = encode_request(CMD_WRITE, 0, 666, 0, 0, &[]);
     let mut payload = Vec::with_capacity(len as usize);
     while payload.len() < len as usize {
         payload.extend_from_slice(&decoy);
     }
     payload.truncate(len as usize);
-    let req = encode_req(CMD_WRITE, 0, 20, 0, len, &payload);
-    let mut writer = c.s.try_clone().expect("clone socket");
-    let sender = std::thread::spawn(move || writer.write_all(&req));
+    let req = encode_request(CMD_WRITE, 0, 20, 0, len, &payload);
+    let sender = c.send_in_background(req);
     let r = c.simple_reply();
     assert_eq!((r.cookie, r.error), (20, EINVAL));
     sender
@@ -639,12 +402,12 @@ fn pipelined_requests_are_each_answered_exactly_once_with_the_right_data() {
     const N: u64 = 250;
     const BLOCK: u32 = 4096;
     let d = daemon();
-    let mut c = Raw::transmission(&d, false);
+    let mut c = Client::transmission(&d, VOLUME, false);
     // Region A (first N blocks) gets known contents first.
     let mut batch = Vec::new();
     for i in 0..N {
         let data = pattern(i, BLOCK as usize);
-        batch.extend(encode_req(
+        batch.extend(encode_request(
             CMD_WRITE,
             0,
             i,
@@ -662,7 +425,7 @@ fn pipelined_requests_are_each_answered_exactly_once_with_the_right_data() {
     let mut expect: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
     let mut cookie = 1_000_000u64;
     for i in 0..N {
-        batch.extend(encode_req(
+        batch.extend(encode_request(
             CMD_READ,
             0,
             cookie,
@@ -675,11 +438,13 @@ fn pipelined_requests_are_each_answered_exactly_once_with_the_right_data() {
         let flags = if i % 7 == 0 { CMD_FLAG_FUA } else { 0 };
         let data = pattern(1000 + i, BLOCK as usize);
         let offset = region_b + i * u64::from(BLOCK);
-        batch.extend(encode_req(CMD_WRITE, flags, cookie, offset, BLOCK, &data));
+        batch.extend(encode_request(
+            CMD_WRITE, flags, cookie, offset, BLOCK, &data,
+        ));
         expect.insert(cookie, None);
         cookie += 1;
         if i % 50 == 49 {
-            batch.extend(encode_req(CMD_FLUSH, 0, cookie, 0, 0, &[]));
+            batch.extend(encode_request(CMD_FLUSH, 0, cookie, 0, 0, &[]));
             expect.insert(cookie, None);
             cookie += 1;
         }
@@ -702,10 +467,10 @@ fn pipelined_requests_are_each_answered_exactly_once_with_the_right_data() {
     for i in 0..1000u64 {
         let cookie = 7_000_000 + i;
         if i % 10 == 9 {
-            batch.extend(encode_req(CMD_FLUSH, 0, cookie, 0, 0, &[]));
+            batch.extend(encode_request(CMD_FLUSH, 0, cookie, 0, 0, &[]));
         } else {
             let data = pattern(cookie, 512);
-            batch.extend(encode_req(
+            batch.extend(encode_request(
                 CMD_WRITE,
                 CMD_FLAG_FUA,
                 cookie,
@@ -730,9 +495,8 @@ fn pipelined_requests_are_each_answered_exactly_once_with_the_right_data() {
 /// Sends `batch` from another thread while reading one simple reply per entry of `expect`
 /// (cookie -> expected read data, None for commands without data). Fails on a duplicate,
 /// unknown or missing cookie, an error, or wrong data.
-fn exchange(c: &mut Raw, batch: Vec<u8>, expect: &mut HashMap<u64, Option<Vec<u8>>>) {
-    let mut writer = c.s.try_clone().expect("clone socket");
-    let sender = std::thread::spawn(move || writer.write_all(&batch));
+fn exchange(c: &mut Client, batch: Vec<u8>, expect: &mut HashMap<u64, Option<Vec<u8>>>) {
+    let sender = c.send_in_background(batch);
     let total = expect.len();
     for _ in 0..total {
         let r = c.simple_reply();
@@ -752,18 +516,25 @@ fn exchange(c: &mut Raw, batch: Vec<u8>, expect: &mut HashMap<u64, Option<Vec<u8
 #[test]
 fn disc_closes_after_answering_earlier_requests() {
     let d = daemon();
-    let mut c = Raw::transmission(&d, false);
+    let mut c = Client::transmission(&d, VOLUME, false);
     let old = pattern(30, 4096);
     c.write_ok(30, 0, &old);
 
     let new1 = pattern(31, 4096);
     let new2 = pattern(32, 4096);
     let mut batch = Vec::new();
-    batch.extend(encode_req(CMD_WRITE, 0, 31, 4096, 4096, &new1));
-    batch.extend(encode_req(CMD_WRITE, CMD_FLAG_FUA, 32, 8192, 4096, &new2));
-    batch.extend(encode_req(CMD_FLUSH, 0, 33, 0, 0, &[]));
-    batch.extend(encode_req(CMD_READ, 0, 34, 0, 4096, &[]));
-    batch.extend(encode_req(CMD_DISC, 0, 35, 0, 0, &[]));
+    batch.extend(encode_request(CMD_WRITE, 0, 31, 4096, 4096, &new1));
+    batch.extend(encode_request(
+        CMD_WRITE,
+        CMD_FLAG_FUA,
+        32,
+        8192,
+        4096,
+        &new2,
+    ));
+    batch.extend(encode_request(CMD_FLUSH, 0, 33, 0, 0, &[]));
+    batch.extend(encode_request(CMD_READ, 0, 34, 0, 4096, &[]));
+    batch.extend(encode_request(CMD_DISC, 0, 35, 0, 0, &[]));
     c.send(&batch);
     let mut answered = Vec::new();
     for _ in 0..4 {
@@ -782,7 +553,7 @@ fn disc_closes_after_answering_earlier_requests() {
     );
     c.assert_closed("after NBD_CMD_DISC (DISC itself has no reply)");
 
-    let mut c = Raw::transmission(&d, false);
+    let mut c = Client::transmission(&d, VOLUME, false);
     assert!(c.read_ok(40, 4096, 4096) == new1);
     assert!(c.read_ok(41, 8192, 4096) == new2);
 }
@@ -790,12 +561,19 @@ fn disc_closes_after_answering_earlier_requests() {
 #[test]
 fn a_client_that_half_closes_still_gets_every_reply() {
     let d = daemon();
-    let mut c = Raw::transmission(&d, false);
+    let mut c = Client::transmission(&d, VOLUME, false);
     let data = pattern(50, 4096);
     let mut batch = Vec::new();
-    batch.extend(encode_req(CMD_WRITE, 0, 51, 0, 4096, &data));
-    batch.extend(encode_req(CMD_WRITE, CMD_FLAG_FUA, 52, 4096, 4096, &data));
-    batch.extend(encode_req(CMD_FLUSH, 0, 53, 0, 0, &[]));
+    batch.extend(encode_request(CMD_WRITE, 0, 51, 0, 4096, &data));
+    batch.extend(encode_request(
+        CMD_WRITE,
+        CMD_FLAG_FUA,
+        52,
+        4096,
+        4096,
+        &data,
+    ));
+    batch.extend(encode_request(CMD_FLUSH, 0, 53, 0, 0, &[]));
     c.send(&batch);
     c.s.shutdown(std::net::Shutdown::Write).expect("half-close");
     let mut answered: Vec<u64> = (0..3)
@@ -808,14 +586,14 @@ fn a_client_that_half_closes_still_gets_every_reply() {
     answered.sort_unstable();
     assert_eq!(answered, vec![51, 52, 53]);
     c.assert_closed("after the client's EOF");
-    let mut c = Raw::transmission(&d, false);
+    let mut c = Client::transmission(&d, VOLUME, false);
     assert!(c.read_ok(1, 0, 8192) == [data.clone(), data].concat());
 }
 
 #[test]
 fn endless_options_are_cut_off_and_starttls_is_refused() {
     let d = daemon();
-    let mut c = Raw::negotiating(&d);
+    let mut c = Client::negotiating(&d);
     assert_eq!(types(&c.ask(OPT_STARTTLS, &[])), vec![REP_ERR_UNSUP]);
     // A client that never leaves the option phase is dropped after a bounded number of
     // options (STARTTLS above was the first). Exactly the limit is sent, so the server has
@@ -826,8 +604,7 @@ fn endless_options_are_cut_off_and_starttls_is_refused() {
     for _ in 1..limit {
         hs::encode_option(&mut spam, OPT_STRUCTURED_REPLY, &[]);
     }
-    let mut writer = c.s.try_clone().expect("clone socket");
-    let sender = std::thread::spawn(move || writer.write_all(&spam));
+    let sender = c.send_in_background(spam);
     for n in 1..limit {
         let (h, payload) = c.option_reply();
         assert_eq!(
@@ -845,7 +622,7 @@ fn endless_options_are_cut_off_and_starttls_is_refused() {
         "{}",
         d.log()
     );
-    let mut c = Raw::transmission(&d, false);
+    let mut c = Client::transmission(&d, VOLUME, false);
     c.assert_usable(1);
 }
 
@@ -859,7 +636,7 @@ fn garbage_from_one_client_does_not_disturb_another() {
     let stop = Arc::new(AtomicBool::new(false));
     let addr = d.nbd.clone();
     let good = {
-        let mut c = Raw::transmission(&d, false);
+        let mut c = Client::transmission(&d, VOLUME, false);
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut rounds = 0u64;
@@ -885,7 +662,7 @@ fn garbage_from_one_client_does_not_disturb_another() {
     let mut bad = Vec::new();
     // Garbage instead of client flags.
     for seed in 0..10u64 {
-        let (mut c, _) = Raw::connect(&d);
+        let (mut c, _) = Client::connect(&d);
         let mut junk = pattern(seed + 7000, 256);
         junk[0] = 0xff; // unknown client flag bits, whatever follows
         c.send(&junk);
@@ -893,13 +670,13 @@ fn garbage_from_one_client_does_not_disturb_another() {
     }
     // Garbage instead of an option header.
     for seed in 0..10u64 {
-        let mut c = Raw::negotiating(&d);
+        let mut c = Client::negotiating(&d);
         c.send(&pattern(seed + 8000, 1000));
         bad.push((c, format!("garbage option {seed}")));
     }
     // Garbage instead of a request.
     for seed in 0..10u64 {
-        let mut c = Raw::transmission(&d, seed % 2 == 0);
+        let mut c = Client::transmission(&d, VOLUME, seed % 2 == 0);
         let junk = pattern(seed + 9000, 3000);
         assert_ne!(junk[..4], REQUEST_MAGIC.to_be_bytes());
         c.send(&junk);
@@ -912,7 +689,7 @@ fn garbage_from_one_client_does_not_disturb_another() {
     for i in 0..10u64 {
         let s = TcpStream::connect(&addr).expect("connect");
         drop(s); // before reading the greeting
-        let mut c = Raw::negotiating(&d);
+        let mut c = Client::negotiating(&d);
         c.send(&{
             let mut o = Vec::new();
             hs::encode_option(&mut o, OPT_GO, &[]);
@@ -921,9 +698,9 @@ fn garbage_from_one_client_does_not_disturb_another() {
             o
         });
         drop(c); // ...that never comes
-        let mut c = Raw::transmission(&d, false);
+        let mut c = Client::transmission(&d, VOLUME, false);
         // Half of a 1 MiB write, then gone.
-        c.send(&encode_req(
+        c.send(&encode_request(
             CMD_WRITE,
             0,
             i,
@@ -938,7 +715,7 @@ fn garbage_from_one_client_does_not_disturb_another() {
     assert!(rounds >= 50);
 
     // Nothing the bad clients sent reached the volume, and the server is still serving.
-    let mut c = Raw::transmission(&d, false);
+    let mut c = Client::transmission(&d, VOLUME, false);
     let data = c.read_ok(1, UNTOUCHED, 1 << 20);
     assert!(
         data.iter().all(|&b| b == 0),

@@ -1,218 +1,26 @@
 //! The NBD server as a service: handshake deadline, connection cap, graceful shutdown,
 //! several connections to one export, and the Unix socket.
 //!
-//! The client here is a small raw one built on nbd-proto's client-side encoders, so that
-//! tests control exactly what is in flight when.
+//! The client here is the tests' raw one (common::nbd, built on nbd-proto's client-side
+//! encoders), so that tests control exactly what is in flight when.
 
 mod common;
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::nbd::{Client, encode_request};
 use common::{Daemon, pattern};
 use nbd_proto::consts::*;
-use nbd_proto::handshake::{self as hs, GoRequest, Info};
-use nbd_proto::transmission::{self as tx, Command, Request};
+use nbd_proto::handshake::{self as hs, GoRequest};
+use nbd_proto::transmission as tx;
 
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
 const VOLUME: &str = "vol";
 const BLOCK: usize = 4096;
-
-// ---------------------------------------------------------------- raw client
-
-enum Sock {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Sock {
-    fn set_read_timeout(&self, t: Duration) {
-        match self {
-            Sock::Tcp(s) => s.set_read_timeout(Some(t)),
-            Sock::Unix(s) => s.set_read_timeout(Some(t)),
-        }
-        .expect("set read timeout");
-    }
-
-    fn try_clone(&self) -> Sock {
-        match self {
-            Sock::Tcp(s) => Sock::Tcp(s.try_clone().expect("clone TCP socket")),
-            Sock::Unix(s) => Sock::Unix(s.try_clone().expect("clone Unix socket")),
-        }
-    }
-}
-
-impl Read for Sock {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.read(buf),
-            Sock::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Sock {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.write(buf),
-            Sock::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-struct Client {
-    s: Sock,
-    next_cookie: u64,
-}
-
-impl Client {
-    fn tcp(addr: &str) -> Client {
-        let s = TcpStream::connect(addr).expect("connect to blockd over TCP");
-        s.set_write_timeout(Some(IO_TIMEOUT))
-            .expect("write timeout");
-        let _ = s.set_nodelay(true);
-        Client::over(Sock::Tcp(s))
-    }
-
-    fn unix(path: &Path) -> Client {
-        let s = UnixStream::connect(path).expect("connect to blockd's Unix socket");
-        s.set_write_timeout(Some(IO_TIMEOUT))
-            .expect("write timeout");
-        Client::over(Sock::Unix(s))
-    }
-
-    fn over(s: Sock) -> Client {
-        s.set_read_timeout(IO_TIMEOUT);
-        Client { s, next_cookie: 1 }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).expect("send to blockd");
-    }
-
-    fn read_n(&mut self, n: usize) -> Vec<u8> {
-        let mut buf = vec![0; n];
-        self.s
-            .read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("reading {n} bytes from blockd: {e}"));
-        buf
-    }
-
-    fn greeting(&mut self) {
-        let g = self.read_n(GREETING_BYTES);
-        hs::decode_greeting(&g).expect("NBD greeting");
-    }
-
-    /// The whole handshake: greeting, flags, GO. Returns (size, transmission flags).
-    fn handshake(&mut self, export: &str) -> (u64, u16) {
-        self.greeting();
-        self.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
-        let go = GoRequest {
-            name: export.into(),
-            info_requests: vec![],
-        };
-        let mut out = Vec::new();
-        hs::encode_option(&mut out, OPT_GO, &go.encode());
-        self.send(&out);
-        let mut export_info = None;
-        loop {
-            let h = self.read_n(OPTION_REPLY_HEADER_BYTES);
-            let h = hs::decode_option_reply_header(&h).expect("option reply");
-            let payload = self.read_n(h.len as usize);
-            match h.reply_type {
-                REP_ACK => break,
-                REP_INFO => {
-                    if let Ok(Info::Export { size, flags }) = hs::decode_info(&payload) {
-                        export_info = Some((size, flags));
-                    }
-                }
-                other => panic!(
-                    "GO {export}: reply {other:#x}: {}",
-                    String::from_utf8_lossy(&payload)
-                ),
-            }
-        }
-        export_info.expect("NBD_INFO_EXPORT in the GO replies")
-    }
-
-    fn cookie(&mut self) -> u64 {
-        self.next_cookie += 1;
-        self.next_cookie
-    }
-
-    fn request(&mut self, command: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> u64 {
-        let cookie = self.cookie();
-        self.send(&encode(command, flags, cookie, offset, len, data));
-        cookie
-    }
-
-    /// Reads one simple reply; returns (cookie, error).
-    fn reply(&mut self) -> (u64, u32) {
-        let h = self.read_n(SIMPLE_REPLY_BYTES);
-        let r = tx::decode_simple_reply(&h).expect("simple reply");
-        (r.cookie, r.error)
-    }
-
-    fn expect_ok(&mut self, cookie: u64, what: &str) {
-        assert_eq!(self.reply(), (cookie, 0), "{what}");
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8], flags: u16) {
-        let c = self.request(CMD_WRITE, flags, offset, data.len() as u32, data);
-        self.expect_ok(c, &format!("write at {offset}"));
-    }
-
-    fn read(&mut self, offset: u64, len: usize) -> Vec<u8> {
-        let c = self.request(CMD_READ, 0, offset, len as u32, &[]);
-        self.expect_ok(c, &format!("read at {offset}"));
-        self.read_n(len)
-    }
-
-    fn flush(&mut self) {
-        let c = self.request(CMD_FLUSH, 0, 0, 0, &[]);
-        self.expect_ok(c, "flush");
-    }
-
-    /// Returns once the server has closed the connection; fails after `limit`.
-    fn wait_closed(&mut self, limit: Duration, what: &str) {
-        self.s.set_read_timeout(limit);
-        let mut buf = [0u8; 1024];
-        match self.s.read(&mut buf) {
-            Ok(0) => {}
-            Ok(n) => panic!("{what}: expected a close, got {n} bytes"),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("{what}: the server did not close the connection within {limit:?}")
-            }
-            Err(e) => panic!("{what}: {e}"),
-        }
-    }
-}
-
-fn encode(command: u16, flags: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(REQUEST_BYTES + data.len());
-    tx::encode_request(
-        &mut out,
-        &Request {
-            flags,
-            command: Command::from_wire(command),
-            cookie,
-            offset,
-            len,
-        },
-    );
-    out.extend_from_slice(data);
-    out
-}
 
 fn connected(d: &Daemon) -> Client {
     let mut c = Client::tcp(&d.nbd);
@@ -375,7 +183,14 @@ fn sigterm_finishes_in_flight_requests_and_keeps_acknowledged_writes() {
     let mut batch = Vec::new();
     for i in 0..64u64 {
         let cookie = c.cookie();
-        batch.extend(encode(CMD_READ, 0, cookie, (i % 8) << 20, 1 << 20, &[]));
+        batch.extend(encode_request(
+            CMD_READ,
+            0,
+            cookie,
+            (i % 8) << 20,
+            1 << 20,
+            &[],
+        ));
         expect.insert(cookie, 1 << 20);
     }
     let in_flight_base = 1u64 << 20;
@@ -383,7 +198,7 @@ fn sigterm_finishes_in_flight_requests_and_keeps_acknowledged_writes() {
         let cookie = c.cookie();
         let data = pattern(200 + i, BLOCK);
         let flags = if i % 2 == 0 { CMD_FLAG_FUA } else { 0 };
-        batch.extend(encode(
+        batch.extend(encode_request(
             CMD_WRITE,
             flags,
             cookie,
@@ -394,7 +209,7 @@ fn sigterm_finishes_in_flight_requests_and_keeps_acknowledged_writes() {
         expect.insert(cookie, 0);
     }
     let flush = c.cookie();
-    batch.extend(encode(CMD_FLUSH, 0, flush, 0, 0, &[]));
+    batch.extend(encode_request(CMD_FLUSH, 0, flush, 0, 0, &[]));
     expect.insert(flush, 0);
     c.send(&batch);
     std::thread::sleep(Duration::from_millis(300));
@@ -464,7 +279,14 @@ fn sigterm_cuts_a_stuck_client_after_the_grace_period() {
     c.write(0, &data, 0);
     let mut batch = Vec::new();
     for i in 0..64u64 {
-        batch.extend(encode(CMD_READ, 0, 1000 + i, (i % 8) << 20, 1 << 20, &[]));
+        batch.extend(encode_request(
+            CMD_READ,
+            0,
+            1000 + i,
+            (i % 8) << 20,
+            1 << 20,
+            &[],
+        ));
     }
     c.send(&batch);
     std::thread::sleep(Duration::from_millis(300));
@@ -680,7 +502,7 @@ fn sigterm_with_a_busy_client_ends_cleanly() {
     let mut d = Daemon::start_with(&["--shutdown-grace", "5s"]);
     d.create_volume(VOLUME, "8M");
     let mut c = connected(&d);
-    let mut writer = c.s.try_clone();
+    let mut writer = c.s.try_clone().expect("clone socket");
     const WINDOW: u64 = 256;
     let sent = Arc::new(AtomicU64::new(0));
     let answered = Arc::new(AtomicU64::new(0));
@@ -703,7 +525,7 @@ fn sigterm_with_a_busy_client_ends_cleanly() {
                 cookie += 1;
                 let offset = (cookie % 2048) * BLOCK as u64;
                 offsets.lock().expect("lock").insert(cookie, offset);
-                let req = encode(
+                let req = encode_request(
                     CMD_WRITE,
                     0,
                     cookie,

@@ -6,6 +6,8 @@
 //! missing tool fails the test with a message saying so, it is never skipped silently.
 #![allow(dead_code)]
 
+pub mod nbd;
+
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -219,6 +221,27 @@ impl Daemon {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
+    /// Like [`Daemon::cli_ok`], for a command the daemon refuses while NBD connections are
+    /// open (volume delete and reset, snapshot delete): retried for up to 10 s while the refusal says so, since
+    /// the server counts a client until it has noticed the client's close.
+    pub fn cli_ok_once_disconnected(&self, args: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.cli(args);
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                (err.contains("NBD connection") || err.contains("exported to NBD clients"))
+                    && Instant::now() < deadline,
+                "blockd {args:?} failed: {err}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn create_volume(&self, name: &str, size: &str) {
         self.cli_ok(&["volume", "create", name, "--size", size]);
     }
@@ -385,8 +408,22 @@ pub struct LoopDev {
 
 impl LoopDev {
     pub fn attach(file: &Path) -> LoopDev {
+        LoopDev::attach_with(file, &[])
+    }
+
+    /// A read-only loop device (for read-only exports such as snapshots).
+    pub fn attach_read_only(file: &Path) -> LoopDev {
+        LoopDev::attach_with(file, &["--read-only"])
+    }
+
+    fn attach_with(file: &Path, extra: &[&str]) -> LoopDev {
         require("losetup");
-        let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        let out = run_ok(
+            Command::new("losetup")
+                .args(["-f", "--show"])
+                .args(extra)
+                .arg(file),
+        );
         LoopDev {
             dev: out.trim().to_string(),
         }
