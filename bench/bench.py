@@ -15,11 +15,13 @@ section in docs/BENCHMARKS.md is keyed by the suite name).
 
 import argparse
 import csv
+import ctypes
 import datetime as dt
 import hashlib
 import json
 import os
 import platform
+import random
 import shlex
 import shutil
 import signal
@@ -28,6 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -38,6 +42,8 @@ BLOCKD_BIN = os.environ.get("BLOCKD_BIN", os.path.join(REPO, "target", "release"
 VOLUME = "bench"           # blockd volume name (= NBD export name)
 QEMU_EXPORT = "x"          # qemu-nbd export name (as in peers.sh)
 CHUNK = 4096               # every data-preparation write is 4 KiB (kernel 6.18 large-folio trap)
+CHAIN_WRITES = 32          # random 4 KiB writes per snapshot-chain layer (as in peers.sh)
+FIO_CLONE = "fio"          # the blockd clone a clone/chain target creates for one fio run
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -57,6 +63,12 @@ def parse_size(s):
     if s and s[-1] in mult:
         return int(float(s[:-1]) * mult[s[-1]])
     return int(s)
+
+
+def hsize(n):
+    """1073741824 -> '1 GiB' (for prose)."""
+    h = human(n)
+    return f"{h[:-1]} {h[-1]}iB" if h[-1] in "KMGT" else f"{h} B"
 
 
 def human(n):
@@ -190,6 +202,96 @@ def syncfs(path):
         os.close(fd)
 
 
+# --------------------------------------------------------------------------- blockd REST API, qemu-io
+
+def api_call(api, method, path, body=None, timeout=60):
+    """One request to blockd's REST API with urllib (a new TCP connection per call, as a
+    CLI client makes). Returns (HTTP status, decoded JSON body or None, seconds taken by
+    the call: connect, request, server work, response)."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"content-type": "application/json"} if data is not None else {}
+    req = urllib.request.Request(f"http://{api}{path}", data=data, method=method, headers=headers)
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw, status = r.read(), r.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read(), e.code
+    secs = time.perf_counter() - t0
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        doc = raw.decode(errors="replace")
+    return status, doc, secs
+
+
+def api_ok(api, method, path, body=None):
+    status, doc, secs = api_call(api, method, path, body)
+    if status not in (200, 201, 204):
+        raise BenchError(f"blockd API {method} {path} {json.dumps(body) if body else ''}: "
+                         f"HTTP {status} {doc}")
+    return doc, secs
+
+
+def api_delete_volume(api, name, wait=10.0):
+    """DELETE a volume, retrying while the server still counts a just-closed NBD
+    connection (409 in_use). A volume that does not exist is fine."""
+    deadline = time.time() + wait
+    while True:
+        status, doc, _ = api_call(api, "DELETE", f"/v1/volumes/{name}")
+        if status in (204, 200, 404):
+            return
+        if status != 409 or time.time() > deadline:
+            raise BenchError(f"deleting volume {name}: HTTP {status} {doc}")
+        time.sleep(0.05)
+
+
+def qemu_io(target, fmt, cmds, read_only=False):
+    """Run qemu-io commands (e.g. "write -q -P 5 4096 4k") in one process against a file or
+    an nbd:// URI. `-t writeback`: qemu-io's default cache mode is writethrough, a flush
+    after every write (32 fdatasyncs for a chain layer instead of one); with writeback it
+    flushes once, when it closes the image. Returns stdout."""
+    cmd = ["qemu-io", "-f", fmt, "-t", "writeback"] + (["-r"] if read_only else [])
+    for c in cmds:
+        cmd += ["-c", c]
+    cmd.append(target)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0 or "failed" in p.stdout.lower() or "error" in p.stderr.lower():
+        raise BenchError(f"qemu-io on {target} failed ({p.returncode}): "
+                         f"{(p.stdout + p.stderr).strip()[:500]}")
+    return p.stdout
+
+
+def layer_writes(seed, layer, size, n):
+    """The n random 4 KiB writes of chain layer `layer` (deterministic for a seed): offsets
+    in [0, size), pattern byte layer % 256. The blockd and qcow2 chains get the same ones."""
+    rng = random.Random(f"{seed}/{layer}")
+    return [(rng.randrange(size // CHUNK) * CHUNK, layer % 256) for _ in range(n)]
+
+
+def chain_check_cmds(seed, depth, size, n):
+    """qemu-io read commands that check, at the top of a chain of `depth` layers, the last
+    pattern written at every offset any layer wrote."""
+    last = {}
+    for i in range(1, depth + 1):
+        for off, pat in layer_writes(seed, i, size, n):
+            last[off] = pat
+    return [f"read -q -P {pat} {off} 4k" for off, pat in sorted(last.items())]
+
+
+def dir_allocated_bytes(path):
+    """Disk blocks allocated under `path` (st_blocks * 512 of every file, like `du -sB1`);
+    only stats, never opens a file."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for n in dirs + files:
+            try:
+                total += os.lstat(os.path.join(root, n)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
 class Server:
     """A server process started by the harness; always stopped by its pid."""
 
@@ -203,6 +305,8 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.pid = self.proc.pid
+        self.before_stop = []     # callables run by Work.stop while the server still runs
+        self.after_stop = []      # callables run by Work.stop once it has exited
         work.register_pid(self.pid, cmd)
 
     def wait_ready(self, timeout=20.0):
@@ -258,6 +362,15 @@ class Work:
             os.makedirs(d, exist_ok=True)
         self.src = os.path.join(self.data, "source.raw")
         self.raw = os.path.join(self.data, "raw.raw")
+        self.qcow_dir = os.path.join(self.data, "qcow2-chain")
+        # snapshot chains (suite `cow`): set by cmd_run from the selected targets
+        self.chain_depth = 0            # layers to build
+        self.chain_depths = []          # depths served by a target (content checked there)
+        self.chain_seed = 1             # offsets of the random writes of each layer
+        # suites that warm per fio run (Suite.warm_per_run): None = no; else True/False =
+        # whether the job about to run reads (set by run_one before target.start)
+        self.warm_job_reads = None
+        self.pinned = False             # CachePin holds the data every target reads
 
     # -- pid bookkeeping so `bench.py clean` can stop servers left by a killed harness
     def _pids(self):
@@ -292,7 +405,20 @@ class Work:
     def stop(self, s):
         if s in self.live:
             self.live.remove(s)
-        s.stop()
+        try:
+            for f in s.before_stop:
+                if s.proc.poll() is None:
+                    try:
+                        f()
+                    except Exception as e:   # clean-up must not hide the stop
+                        log(f"{s.name}: clean-up before stop failed: {e}")
+        finally:
+            s.stop()
+            for f in s.after_stop:
+                try:
+                    f()
+                except Exception as e:
+                    log(f"{s.name}: clean-up after stop failed: {e}")
 
     def stop_all(self):
         for s in list(self.live):
@@ -426,6 +552,136 @@ class Work:
         syncfs(self.root)
 
 
+    def _prep_blockd_base_snapshot(self):
+        """`bench@base`: a snapshot of the filled volume, origin of every blockd clone and
+        chain (REST API)."""
+        self.need(["blockd_volume"])
+        srv = start_blockd(self, "prep-base-snapshot")
+        try:
+            _, secs = api_ok(srv.api, "POST", "/v1/snapshots", {"name": f"{VOLUME}@base"})
+            self.facts["base_snapshot_ms"] = round(secs * 1e3, 2)
+        finally:
+            self.stop(srv)
+        syncfs(self.root)
+
+    def _prep_blockd_chain(self):
+        """A blockd snapshot chain built like the qcow2 chain of the peers: layer i is a
+        clone of the previous snapshot (`bench@base` for i = 1) named `l<i>`, written with
+        CHAIN_WRITES random 4 KiB writes through NBD (qemu-io), then snapshotted as
+        `l<i>@s`. Targets serve a fresh clone of `l<N>@s`. The content at each served depth
+        is checked through NBD (the last pattern written at every offset any layer wrote)."""
+        self.need(["blockd_base_snapshot"])
+        n = self.chain_depth
+        srv = start_blockd(self, "prep-blockd-chain")
+        ops = []
+        try:
+            prev = f"{VOLUME}@base"
+            t0 = time.time()
+            for i in range(1, n + 1):
+                _, tc = api_ok(srv.api, "POST", "/v1/volumes", {"name": f"l{i}", "from": prev})
+                qemu_io(f"nbd://{srv.nbd}/l{i}", "raw",
+                        [f"write -q -P {pat} {off} 4k"
+                         for off, pat in layer_writes(self.chain_seed, i, self.size, CHAIN_WRITES)])
+                _, ts = api_ok(srv.api, "POST", "/v1/snapshots", {"name": f"l{i}@s"})
+                ops.append([i, round(tc * 1e3, 2), round(ts * 1e3, 2)])
+                prev = f"l{i}@s"
+            self.facts["blockd_chain_build_s"] = round(time.time() - t0, 1)
+            for d in self.chain_depths:
+                qemu_io(f"nbd://{srv.nbd}/l{d}@s", "raw",
+                        chain_check_cmds(self.chain_seed, d, self.size, CHAIN_WRITES), read_only=True)
+            self.facts["blockd_chain_checked"] = list(self.chain_depths)
+            self.facts["blockd_chain_df"], _ = api_ok(srv.api, "GET", "/v1/df")
+        finally:
+            self.facts["blockd_chain_ops_ms"] = ops     # [depth, clone ms, snapshot ms]
+            self.stop(srv)
+        log(f"blockd chain: {n} layers in {self.facts['blockd_chain_build_s']} s, content checked "
+            f"at depths {self.chain_depths}")
+        syncfs(self.root)
+
+    def _prep_qcow2_chain(self):
+        """The qcow2 chain of peers.sh: raw.raw <- l1.qcow2 <- ... <- lN.qcow2, each made with
+        `qemu-img create -f qcow2 -b PREV -F FMT` and given the same CHAIN_WRITES random
+        4 KiB writes (qemu-io) as the blockd layer of the same depth. Targets serve a fresh
+        copy of lN.qcow2. The raw file is only ever read through the chain."""
+        self.need(["raw"])
+        n = self.chain_depth
+        if os.path.exists(self.qcow_dir):
+            shutil.rmtree(self.qcow_dir)
+        os.makedirs(self.qcow_dir)
+        prev, fmt = self.raw, "raw"
+        t0 = time.time()
+        for i in range(1, n + 1):
+            layer = os.path.join(self.qcow_dir, f"l{i}.qcow2")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", prev, "-F", fmt, layer],
+                           check=True)
+            qemu_io(layer, "qcow2", [f"write -q -P {pat} {off} 4k"
+                                     for off, pat in layer_writes(self.chain_seed, i, self.size, CHAIN_WRITES)])
+            prev, fmt = layer, "qcow2"
+        self.facts["qcow2_chain_build_s"] = round(time.time() - t0, 1)
+        for d in self.chain_depths:
+            qemu_io(os.path.join(self.qcow_dir, f"l{d}.qcow2"), "qcow2",
+                    chain_check_cmds(self.chain_seed, d, self.size, CHAIN_WRITES), read_only=True)
+        self.facts["qcow2_chain_checked"] = list(self.chain_depths)
+        log(f"qcow2 chain: {n} layers in {self.facts['qcow2_chain_build_s']} s, content checked "
+            f"at depths {self.chain_depths}")
+        syncfs(self.root)
+
+
+class CachePin:
+    """Keeps files resident in the page cache by mapping them read-only and mlock()ing the
+    mappings (ctypes: libc mmap/mlock/munmap) for as long as this process holds them.
+
+    Why: the benchmark VM runs DAMON proactive reclaim (kdamond, `paddr` operations, a
+    `pageout` scheme for regions idle for >= 6 aggregation intervals of 5 s; see
+    /sys/kernel/mm/damon/admin). Random 4 KiB reads over a 2 GiB file look idle to its
+    sampling, so pages are paged out even *during* a fio run and every run reads from disk.
+    Locked pages are unevictable, so DAMON skips them; nothing else about the page cache
+    changes (the servers still read and write through it as before)."""
+
+    PROT_READ, MAP_SHARED = 1, 1
+
+    def __init__(self):
+        self.maps = []
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.mmap.restype = ctypes.c_void_p
+        self.libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_int, ctypes.c_long]
+        self.libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+    def pin(self, path):
+        """Map and lock one file; returns its size (0 for an empty file)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            n = os.fstat(fd).st_size
+            if n == 0:
+                return 0
+            addr = self.libc.mmap(None, n, self.PROT_READ, self.MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise BenchError(f"mmap {path}: {os.strerror(ctypes.get_errno())}")
+        if self.libc.mlock(addr, n) != 0:
+            err = ctypes.get_errno()
+            self.libc.munmap(addr, n)
+            raise BenchError(f"mlock {path} ({human(n)}): {os.strerror(err)} (run as root or raise "
+                             f"RLIMIT_MEMLOCK)")
+        self.maps.append((addr, n))
+        return n
+
+    def pin_tree(self, path):
+        total = 0
+        for root, _, files in os.walk(path):
+            for f in files:
+                total += self.pin(os.path.join(root, f))
+        return total
+
+    def release(self):
+        while self.maps:
+            addr, n = self.maps.pop()
+            self.libc.munmap(addr, n)
+
+
 def warm4k(path):
     """FADV_RANDOM + read every 4 KiB page: cached pages stay, missing ones come in as
     order-0 folios (no readahead into large folios)."""
@@ -437,6 +693,19 @@ def warm4k(path):
             os.pread(fd, CHUNK, off)
     finally:
         os.close(fd)
+
+
+def warm_through_server(s):
+    """Read the whole export once through the server about to be measured (nbdcopy to
+    null:, its default request size and connections), right before the fio run: the
+    benchmark VM drops cached pages within minutes, and this also makes blockd verify the
+    checksums of payloads it found at start-up (done once per payload per process), so the
+    run sees a warm server in steady state. Only the base data's segments are read-only in
+    a log-structured store, so large folios there do not slow anyone's writes."""
+    r0, t0 = proc_read_bytes(s.pid), time.time()
+    subprocess.run(["nbdcopy", s.uri, "null:"], check=True)
+    s.warm = {"warm_s": round(time.time() - t0, 2),
+              "warm_disk_read_mb": round((proc_read_bytes(s.pid) - r0) / 1e6, 1)}
 
 
 def warm_blockd_random(work):
@@ -466,14 +735,15 @@ def nbd_sha256(uri):
     return h.hexdigest()
 
 
-def start_blockd(work, name):
-    """Start `blockd serve` on the bench data dir; TCP port 0, Unix socket in the work dir."""
+def start_blockd(work, name, data_dir=None):
+    """Start `blockd serve` on the bench data dir (or `data_dir`); TCP port 0, Unix socket in
+    the work dir."""
     ready = os.path.join(work.root, "blockd-ready.json")
     sockp = os.path.join(work.sock, "blockd.sock")
     for p in (ready, sockp):
         if os.path.exists(p):
             os.unlink(p)
-    cmd = [BLOCKD_BIN, "serve", "--data-dir", work.blockd_dir, "--listen", "127.0.0.1:0",
+    cmd = [BLOCKD_BIN, "serve", "--data-dir", data_dir or work.blockd_dir, "--listen", "127.0.0.1:0",
            "--api", "127.0.0.1:0", "--socket", sockp, "--ready-file", ready,
            "--shutdown-grace", "2s"]
     s = Server(work, name, cmd, os.path.join(work.log_dir, f"{name}.log"), uri=None)
@@ -557,13 +827,84 @@ class NbdkitFileTarget(Target):
         return work.start(self.name, cmd, f"nbd://127.0.0.1:{port}/")
 
 
+class BlockdCloneTarget(Target):
+    """A fresh blockd clone per fio run (POST /v1/volumes {"from": SNAP} on a freshly started
+    server, deleted again before the server stops), so every run starts from the same
+    state. depth 0: a clone of `bench@base`; depth N: a clone of `l<N>@s`, the top of the
+    snapshot chain (N layers of CHAIN_WRITES 4 KiB writes on top of `bench@base`)."""
+
+    def __init__(self, name, depth):
+        self.name, self.depth = name, depth
+        self.requires = ("blockd_chain",) if depth else ("blockd_base_snapshot",)
+        src = f"l{depth}@s" if depth else f"{VOLUME}@base"
+        self.source = src
+        self.title = (f"blockd, fresh clone of `{src}` (end of a snapshot chain of depth {depth}), TCP loopback"
+                      if depth else f"blockd, fresh clone of `{src}` (snapshot of the filled volume), TCP loopback")
+
+    def start(self, work):
+        s = start_blockd(work, self.name)
+        try:
+            api_delete_volume(s.api, FIO_CLONE)
+            api_ok(s.api, "POST", "/v1/volumes", {"name": FIO_CLONE, "from": self.source})
+            s.before_stop.append(lambda: api_delete_volume(s.api, FIO_CLONE))
+            s.uri = f"nbd://{s.nbd}/{FIO_CLONE}"
+            s.wait_ready()
+            if work.warm_job_reads:
+                warm_through_server(s)
+        except BaseException:
+            work.stop(s)
+            raise
+        return s
+
+
+class QcowChainTarget(Target):
+    """qemu-nbd serving a fresh copy of the top layer of the qcow2 chain (as peers.sh):
+    `cp --sparse=always lN.qcow2 top.qcow2`, served read-write, deleted after the run."""
+    requires = ("qcow2_chain",)
+    OPTS = ["-f", "qcow2", "--cache=writeback", "-t", "-e", "4", "-x", QEMU_EXPORT, "--aio=threads"]
+
+    def __init__(self, name, depth):
+        self.name, self.depth = name, depth
+        chain = "raw <- l1" if depth == 1 else f"raw <- l1 <- ... <- l{depth}"
+        self.title = (f"qemu-nbd qcow2, fresh copy of the top of a chain of depth {depth} "
+                      f"({chain}), aio=threads, TCP loopback")
+
+    def start(self, work):
+        warm = None
+        if work.warm_job_reads is not None and not work.pinned:   # copy-up on writes reads the base too
+            r0, t0 = proc_read_bytes(), time.time()
+            warm4k(work.raw)
+            warm = {"warm_s": round(time.time() - t0, 2),
+                    "warm_disk_read_mb": round((proc_read_bytes() - r0) / 1e6, 1)}
+        top = os.path.join(work.root, "qcow2-top.qcow2")
+        if os.path.exists(top):
+            os.unlink(top)
+        subprocess.run(["cp", "--sparse=always", os.path.join(work.qcow_dir, f"l{self.depth}.qcow2"), top],
+                       check=True)
+        port = free_port()
+        cmd = ["qemu-nbd", *self.OPTS, "-b", "127.0.0.1", "-p", str(port), top]
+        try:
+            s = work.start(self.name, cmd, f"nbd://127.0.0.1:{port}/{QEMU_EXPORT}")
+        except BaseException:
+            os.unlink(top)
+            raise
+        s.after_stop.append(lambda: os.path.exists(top) and os.unlink(top))
+        if warm:
+            s.warm = warm
+        return s
+
+
+CHAIN_DEPTHS = (1, 10, 100)
 TARGETS = {t.name: t for t in [
     BlockdTarget("blockd_tcp", "tcp"),
     BlockdTarget("blockd_unix", "unix"),
     QemuRawTarget(),
     NbdkitFileTarget(),
+    *[BlockdCloneTarget(f"blockd_chain_d{d}", d) for d in CHAIN_DEPTHS],
+    *[QcowChainTarget(f"qcow2_d{d}", d) for d in CHAIN_DEPTHS],
+    BlockdCloneTarget("blockd_clone", 0),
 ]}
-BLOCKD_TARGETS = {"blockd_tcp", "blockd_unix"}
+BLOCKD_TARGETS = {"blockd_tcp", "blockd_unix", "blockd_clone", *[f"blockd_chain_d{d}" for d in CHAIN_DEPTHS]}
 REFERENCES = [("qemu_tcp", "qemu-nbd"), ("nbdkit_tcp", "nbdkit")]   # ratio columns in the report
 
 
@@ -572,6 +913,7 @@ REFERENCES = [("qemu_tcp", "qemu-nbd"), ("nbdkit_tcp", "nbdkit")]   # ratio colu
 class Job:
     def __init__(self, name, title, args, note=""):
         self.name, self.title, self.args, self.note = name, title, args, note
+        self.reads = any(a in ("--rw=read", "--rw=randread", "--rw=rw", "--rw=randrw") for a in args)
 
 
 JOBS = {j.name: j for j in [
@@ -591,8 +933,99 @@ COMMON_FIO = ["--ioengine=nbd", "--time_based", "--norandommap", "--randrepeat=0
 # --------------------------------------------------------------------------- suites
 
 class Suite:
-    def __init__(self, name, title, targets, jobs, about):
+    """Targets × jobs run together (interleaved). `sections`: how `report` splits the run
+    into marked sections of docs/BENCHMARKS.md (default: one, keyed by the suite name)."""
+
+    def __init__(self, name, title, targets, jobs, about, sections=None, warm_per_run=False,
+                 pin_cache=False):
         self.name, self.title, self.targets, self.jobs, self.about = name, title, targets, jobs, about
+        self.sections = sections or []
+        self.warm_per_run = warm_per_run   # warm the data each target reads right before every fio run
+        self.pin_cache = pin_cache         # default of `run --pin-cache`
+
+
+class Section:
+    """A marked section of docs/BENCHMARKS.md rendered from (part of) a run: the targets
+    and jobs it shows (None: all of the run's), ratio columns `refs` as (label, function
+    from a target to its reference target or None), `tails` adds p99.9/max columns, and
+    `extra(meta, rows, targets, jobs)` returns more markdown lines (summary tables)."""
+
+    def __init__(self, key, title, targets=None, jobs=None, refs=(), tails=False, extra=None):
+        self.key, self.title, self.targets, self.jobs = key, title, targets, jobs
+        self.refs, self.tails, self.extra = list(refs), tails, extra
+
+
+BASIC_REFS = [(lbl, (lambda t, rt=rt: rt)) for rt, lbl in REFERENCES]
+
+
+def _depth(t):
+    return int(t.rsplit("_d", 1)[1]) if "_d" in t and t.rsplit("_d", 1)[1].isdigit() else None
+
+
+def _verdict(x, threshold, what):
+    """'met'/'not met' on the median ratio, and whether every rep agreed."""
+    if x is None:
+        return f"{what}: no data"
+    m, pr = x
+    ok = m >= threshold
+    every = pr and all(v >= threshold for v in pr)
+    none = pr and all(v < threshold for v in pr)
+    agree = " in every rep" if (ok and every) or (not ok and none) else " on the median, not in every rep"
+    return f"{what}: {fmt_ratio(x)} → **{'met' if ok else 'not met'}**{agree}"
+
+
+def chains_extra(meta, rows, targets, jobs):
+    L = []
+    w = L.append
+    depths = sorted({_depth(t) for t in targets if _depth(t)})
+    fams = [f for f in ("blockd_chain", "qcow2") if any(t.startswith(f + "_d") for t in targets)]
+    names = {"blockd_chain": "blockd", "qcow2": "qcow2"}
+    specs = []
+    for f in fams:
+        for d in depths[1:]:
+            specs.append((f"{names[f]} d{d} / d{depths[0]}", f"{f}_d{d}", f"{f}_d{depths[0]}"))
+    if len(fams) == 2:
+        for d in depths:
+            specs.append((f"blockd / qcow2 at depth {d}", f"blockd_chain_d{d}", f"qcow2_d{d}"))
+    if not specs:
+        return L
+    for key, what in (("iops", "median IOPS"), ("cpu_us_per_io", "server CPU µs per I/O"),
+                      ("clat_p50_us", "clat p50")):
+        w(f"**Ratios of {what}** (row target / reference; per-rep range in brackets):\n")
+        w("| ratio | " + " | ".join(f"`{j}`" for j in jobs) + " |")
+        w("|---|" + "---|" * len(jobs))
+        for lbl, a, b in specs:
+            w(f"| {lbl} | " + " | ".join(fmt_ratio(pair_ratio(rows, a, b, j, key), bold=(key == "iops"))
+                                        for j in jobs) + " |")
+        w("")
+    hi, lo = max(depths), min(depths)
+    goals = []
+    for j in [j for j in jobs if j.startswith("rr")]:
+        x = pair_ratio(rows, f"blockd_chain_d{hi}", f"blockd_chain_d{lo}", j)
+        c = pair_ratio(rows, f"blockd_chain_d{hi}", f"blockd_chain_d{lo}", j, "cpu_us_per_io")
+        goals.append(f"- {_verdict(x, 0.95, f'`{j}` blockd d{hi}/d{lo} IOPS ≥ 0.95')}"
+                     + (f"; server CPU per I/O d{hi}/d{lo} {fmt_ratio(c, bold=False)}" if c else ""))
+    if goals:
+        w(f"**Target: 4k random read at chain depth {hi} within 5 % of depth {lo} (blockd).**\n")
+        L += goals
+        w("")
+    return L
+
+
+def clone_io_extra(meta, rows, targets, jobs):
+    L = []
+    w = L.append
+    if not {"blockd_clone", "qcow2_d1"} <= set(targets):
+        return L
+    w("**Target: 4k random read and write on a clone at least as fast as qemu-nbd on a qcow2 "
+      "overlay** (`blockd_clone` / `qcow2_d1` median IOPS, per-rep range in brackets; server CPU "
+      "per I/O ratio after the semicolon):\n")
+    for j in jobs:
+        x = pair_ratio(rows, "blockd_clone", "qcow2_d1", j)
+        c = pair_ratio(rows, "blockd_clone", "qcow2_d1", j, "cpu_us_per_io")
+        w(f"- {_verdict(x, 1.0, f'`{j}`')}" + (f"; CPU/IO {fmt_ratio(c, bold=False)}" if c else ""))
+    w("")
+    return L
 
 
 SUITES = {s.name: s for s in [
@@ -601,6 +1034,27 @@ SUITES = {s.name: s for s in [
           ["rr4k_qd1", "rr4k_qd32", "rw4k_qd32", "rw4k_qd32_fsync32"],
           "fio ioengine=nbd (libnbd, one connection) against each server on loopback; "
           "every server exports the same random bytes, fully in page cache."),
+    Suite("cow", "Copy-on-write: snapshot chains and clones",
+          ["blockd_chain_d1", "qcow2_d1", "blockd_chain_d10", "qcow2_d10", "blockd_chain_d100",
+           "qcow2_d100", "blockd_clone"],
+          ["rr4k_qd1", "rr4k_qd32", "rw4k_qd32"],
+          "blockd clones at the end of snapshot chains of depth 1/10/100 against qemu-nbd on qcow2 "
+          "chains of the same depths, and a fresh blockd clone against a qcow2 overlay; fresh "
+          "clone/overlay per fio run; TCP loopback, one connection.",
+          sections=[
+              Section("chains", "Snapshot chains: blockd clone vs qcow2 overlay chain, by depth",
+                      targets=["blockd_chain_d1", "blockd_chain_d10", "blockd_chain_d100",
+                               "qcow2_d1", "qcow2_d10", "qcow2_d100"],
+                      refs=[("same-depth qcow2", lambda t: f"qcow2_d{_depth(t)}"
+                             if t.startswith("blockd_chain_d") else None),
+                            ("depth 1, same server", lambda t: t.rsplit("_d", 1)[0] + "_d1"
+                             if _depth(t) else None)],
+                      tails=True, extra=chains_extra),
+              Section("clone-io", "Clone I/O: fresh blockd clone vs fresh qcow2 overlay",
+                      targets=["blockd_clone", "qcow2_d1"],
+                      refs=[("qcow2 overlay (qcow2_d1)", lambda t: "qcow2_d1")],
+                      tails=True, extra=clone_io_extra),
+          ], warm_per_run=True, pin_cache=True),
 ]}
 
 
@@ -653,7 +1107,8 @@ CSV_FIELDS = ["suite", "target", "job", "rep", "seq", "start_utc", "status",
               "iops", "mbps", "clat_p50_us", "clat_p99_us", "clat_p999_us", "clat_max_us",
               "clat_mean_us", "ios", "flushes", "flush_p50_us", "flush_p99_us",
               "srv_cpu_s", "cpu_us_per_io", "srv_cores", "fio_cores", "steal_pct", "busy_pct",
-              "others_cores", "load1", "srv_disk_read_mb", "host_disk_read_mb", "drop_caches", "wall_s"]
+              "others_cores", "load1", "srv_disk_read_mb", "host_disk_read_mb", "drop_caches", "wall_s",
+              "warm_s", "warm_disk_read_mb"]
 
 
 def parse_fio(path):
@@ -688,7 +1143,10 @@ def run_one(work, res, target, job, rep, seq, a, cmdlog, writer, csvf):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     row = {"suite": a.suite, "target": target.name, "job": job.name, "rep": rep, "seq": seq,
            "start_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if SUITES[a.suite].warm_per_run:
+        work.warm_job_reads = job.reads
     srv = target.start(work)
+    row.update(getattr(srv, "warm", {}))
     try:
         cmd = ["fio", f"--name={job.name}", *COMMON_FIO, f"--runtime={a.runtime}", *job.args,
                f"--uri={srv.uri}", f"--output={out}"]
@@ -758,7 +1216,8 @@ def cmd_run(a):
     for j in jobs:
         if j not in JOBS:
             raise BenchError(f"unknown job {j}; see `bench.py list`")
-    missing = [b for b in ("fio", "nbdinfo", "nbdcopy", "qemu-nbd", "nbdkit") if not shutil.which(b)]
+    missing = [b for b in ("fio", "nbdinfo", "nbdcopy", "qemu-nbd", "qemu-img", "qemu-io", "nbdkit")
+               if not shutil.which(b)]
     if missing:
         raise BenchError(f"missing tools: {', '.join(missing)}; run `python3 bench/bench.py setup`")
     if any(t in BLOCKD_TARGETS for t in targets) and not os.access(BLOCKD_BIN, os.X_OK):
@@ -787,6 +1246,7 @@ def cmd_run(a):
         "job_titles": {j: JOBS[j].title for j in jobs},
         "job_notes": {j: JOBS[j].note for j in jobs if JOBS[j].note},
         "load_at_start": open("/proc/loadavg").read().split()[:3],
+        "chain_seed": a.chain_seed,
     }
     if "OLDER than the HEAD commit" in meta["machine"]["blockd"]:
         log("WARNING: target/release/blockd is older than the HEAD commit; run `bench.py setup` "
@@ -802,6 +1262,7 @@ def cmd_run(a):
     log(f"results -> {res}")
     csv_path = os.path.join(res, "results.csv")
     t_start = time.time()
+    pinner = None
     try:
         # ---- data, once per run
         needed = []
@@ -809,8 +1270,28 @@ def cmd_run(a):
             for r in TARGETS[t].requires:
                 if r not in needed:
                     needed.append(r)
+        chain_targets = [TARGETS[t] for t in targets if getattr(TARGETS[t], "depth", 0)]
+        if chain_targets:
+            work.chain_depths = sorted({t.depth for t in chain_targets})
+            work.chain_depth = max(work.chain_depths)
+            work.chain_seed = a.chain_seed
         work.need(needed)
         syncfs(work.root)
+        pin = a.pin_cache if a.pin_cache is not None else suite.pin_cache
+        if pin:
+            t0, r0 = time.time(), proc_read_bytes()
+            pinner = CachePin()
+            n = 0
+            if "raw" in work.facts.get("prepared", []):
+                n += pinner.pin(work.raw)
+            if os.path.isdir(work.qcow_dir):
+                n += pinner.pin_tree(work.qcow_dir)
+            if os.path.isdir(work.blockd_dir) and any(r.startswith("blockd") for r in needed):
+                n += pinner.pin_tree(work.blockd_dir)
+            work.pinned = True
+            work.facts.update(pinned_bytes=n, pin_s=round(time.time() - t0, 1),
+                              pin_disk_read_mb=round((proc_read_bytes() - r0) / 1e6, 1))
+            log(f"pinned {human(n)} of data in the page cache (mlock) in {time.time() - t0:.1f} s")
         save_meta()
         log(f"data ready in {time.time() - t_start:.0f} s: {work.facts}")
         # ---- the matrix: reps outermost (interleaved), target order rotated every rep
@@ -819,7 +1300,7 @@ def cmd_run(a):
             w.writeheader()
             seq = 0
             for rep in range(1, a.reps + 1):
-                if rep > 1:
+                if rep > 1 and not suite.warm_per_run:
                     work.rewarm(rep)
                     save_meta()
                 k = (rep - 1) % len(targets)
@@ -837,6 +1318,8 @@ def cmd_run(a):
                         time.sleep(a.pause)
     finally:
         work.stop_all()
+        if pinner:
+            pinner.release()
         meta["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         meta["wall_s"] = round(time.time() - t_start)
         save_meta()
@@ -874,7 +1357,7 @@ def fmt(v, nd=0):
     return "–" if v is None else f"{v:.{nd}f}"
 
 
-def render(res, keep_flagged=False):
+def load_run(res, keep_flagged=False):
     with open(os.path.join(res, "meta.json")) as f:
         meta = json.load(f)
     rows = load_rows(res, keep_flagged)
@@ -883,6 +1366,30 @@ def render(res, keep_flagged=False):
     kept = ("ok",) + (FLAGGED if keep_flagged else ())
     failed = [r for r in allrows if r["status"] not in kept]
     flagged = [r for r in allrows if keep_flagged and r["status"] in FLAGGED]
+    return meta, rows, failed, flagged
+
+
+def pair_ratio(rows, num, den, job, key="iops"):
+    """(ratio of the medians, sorted per-rep ratios) of `key` between two targets, or None."""
+    a, b = rows.get((num, job), []), rows.get((den, job), [])
+    ma, mb = med(a, key), med(b, key)
+    if not ma or not mb:
+        return None
+    by_rep = {r["rep"]: float(r[key]) for r in b if r.get(key) not in ("", None) and float(r[key])}
+    pr = sorted(float(r[key]) / by_rep[r["rep"]] for r in a
+                if r["rep"] in by_rep and r.get(key) not in ("", None))
+    return ma / mb, pr
+
+
+def fmt_ratio(x, bold=True):
+    if x is None:
+        return "–"
+    m, pr = x
+    s = f"**{m:.2f}**" if bold else f"{m:.2f}"
+    return s + (f" ({pr[0]:.2f}–{pr[-1]:.2f})" if len(pr) > 1 else "")
+
+
+def render_header(res, meta, rows, targets, jobs):
     L = []
     w = L.append
     m = meta["machine"]
@@ -903,9 +1410,31 @@ def render(res, keep_flagged=False):
       f"with `nbdcopy --connections=1 --request-size=4096` in {p.get('blockd_fill_s', '?')} s, warmed "
       f"with 4 KiB NBD reads in {p.get('blockd_warm_s', '?')} s, "
       f"{'sha256 read back through NBD and checked' if p.get('blockd_verified') else 'NOT verified'}.\n")
-
-    # conditions
-    allok = [r for rs in rows.values() for r in rs]
+    chain = []
+    if "blockd_chain_build_s" in p:
+        ops = p.get("blockd_chain_ops_ms", [])
+        chain.append(f"blockd chain of {len(ops)} layers built through the REST API and NBD (qemu-io) in "
+                     f"{p['blockd_chain_build_s']} s, content checked through NBD at depths "
+                     f"{', '.join(map(str, p.get('blockd_chain_checked', [])))}")
+    if "qcow2_chain_build_s" in p:
+        chain.append(f"qcow2 chain built with qemu-img/qemu-io in {p['qcow2_chain_build_s']} s, content checked "
+                     f"at depths {', '.join(map(str, p.get('qcow2_chain_checked', [])))}")
+    if p.get("pinned_bytes"):
+        w(f"Page cache: the prepared data ({_bytes(p['pinned_bytes'])}: "
+          f"the raw base file, the qcow2 layers and every file of the blockd data dir as it was after "
+          f"preparation) was mapped read-only and mlock()ed by the harness for the whole run "
+          f"({p.get('pin_s')} s, {p.get('pin_disk_read_mb')} MB read from disk to do it), because the "
+          f"VM's DAMON proactive reclaim pages out data that random reads touch too rarely; see "
+          f"bench/README.md.\n")
+    if chain:
+        w(f"Chains: {CHAIN_WRITES} random 4 KiB writes per layer, the same offsets and pattern bytes in "
+          f"both chains (seed {meta.get('chain_seed', '?')}); " + "; ".join(chain) + ".\n")
+    if any(t in meta.get("target_titles", {}) for t in targets) and meta.get("suite") != "nbd-basic":
+        w("Targets:\n")
+        for t in targets:
+            w(f"- `{t}`: {meta['target_titles'].get(t, t)}")
+        w("")
+    allok = [r for t in targets for j in jobs for r in rows.get((t, j), [])]
     if allok:
         def rng(k, nd=1):
             v = sorted(float(r[k]) for r in allok if r.get(k) not in ("", None))
@@ -914,70 +1443,112 @@ def render(res, keep_flagged=False):
           f"{rng('steal_pct')} %, CPU busy (without steal) {rng('busy_pct')} % of {os.cpu_count()} vCPUs, "
           f"CPU used by other tenants (busy − server − fio) {rng('others_cores', 2)} cores, "
           f"load1 {rng('load1', 2)}.\n")
+        if any(r.get("warm_s") not in ("", None) for r in allok):
+            w(f"Warm pass right before each fio run (blockd: `nbdcopy` of the whole export to `null:` "
+              f"through the server about to be measured, read jobs only, so blockd has verified the "
+              f"payload checksums it checks once per process; qemu-nbd: "
+              + ("none, its data is pinned" if p.get("pinned_bytes") else
+                 "the raw base file re-read with 4 KiB reads before the server starts")
+              + f"), median [min–max]: "
+              f"{rng('warm_s', 1)} s, of which read from disk (pages the VM had dropped since the last "
+              f"run) {rng('warm_disk_read_mb', 0)} MB.\n")
+    return L
 
+
+def render_section(res, meta, rows, failed, flagged, sec, targets, jobs):
+    L = render_header(res, meta, rows, targets, jobs)
+    w = L.append
+    p = meta.get("prep", {})
     summary = []
-    for job in meta["jobs"]:
+    present = set(meta["targets"])
+    refs = [(lbl, fn) for lbl, fn in sec.refs if any(fn(t) in present for t in targets)]
+    for job in jobs:
         title = meta["job_titles"].get(job, job)
         w(f"#### {title} (`{job}`)\n")
         if meta.get("job_notes", {}).get(job):
             w(f"{meta['job_notes'][job]}\n")
-        refs = [(t, lbl) for t, lbl in REFERENCES if t in meta["targets"]]
-        fs = job.endswith("fsync32") or any(float(r.get("flushes") or 0) > 0 for t in meta["targets"] for r in rows.get((t, job), []))
-        hdr = ["target", "n", "IOPS median [min–max]", "clat p50 µs", "clat p99 µs",
-               "server CPU µs/IO", "server cores"]
+        fs = job.endswith("fsync32") or any(float(r.get("flushes") or 0) > 0 for t in targets for r in rows.get((t, job), []))
+        hdr = ["target", "n", "IOPS median [min–max]", "clat p50 µs", "clat p99 µs"]
+        if sec.tails:
+            hdr += ["clat p99.9 µs", "clat max ms (worst rep)"]
+        hdr += ["server CPU µs/IO", "server cores"]
         if fs:
             hdr += ["flushes/write", "flush p50 µs"]
-        hdr += [f"vs {lbl}" for _, lbl in refs]
+        hdr += [f"vs {lbl}" for lbl, _ in refs]
         w("| " + " | ".join(hdr) + " |")
         w("|" + "---|" * len(hdr))
         M = {}
-        for t in meta["targets"]:
+        for t in targets:
             rs = rows.get((t, job), [])
             if not rs:
                 w(f"| {t} | 0 |" + " – |" * (len(hdr) - 2))
                 continue
-            M[t] = {k: med(rs, k) for k in ("iops", "clat_p50_us", "clat_p99_us", "cpu_us_per_io",
+            M[t] = {k: med(rs, k) for k in ("iops", "clat_p50_us", "clat_p99_us", "clat_p999_us", "cpu_us_per_io",
                                             "srv_cores", "flushes", "ios", "flush_p50_us")}
             iops = [float(r["iops"]) for r in rs]
             cells = [t, str(len(rs)), f"{fmt_iops(M[t]['iops'])} [{fmt_iops(min(iops))}–{fmt_iops(max(iops))}]",
-                     fmt(M[t]["clat_p50_us"], 1), fmt(M[t]["clat_p99_us"], 1),
-                     fmt(M[t]["cpu_us_per_io"], 1), fmt(M[t]["srv_cores"], 2)]
+                     fmt(M[t]["clat_p50_us"], 1), fmt(M[t]["clat_p99_us"], 1)]
+            if sec.tails:
+                mx = max(float(r["clat_max_us"] or 0) for r in rs)
+                cells += [fmt(M[t]["clat_p999_us"], 0), f"{mx / 1e3:.1f}"]
+            cells += [fmt(M[t]["cpu_us_per_io"], 1), fmt(M[t]["srv_cores"], 2)]
             if fs:
                 fw = [float(r["flushes"]) / max(1.0, float(r["ios"])) for r in rs if r.get("flushes")]
                 cells += [f"{statistics.median(fw):.2f}" if fw else "–", fmt(M[t]["flush_p50_us"], 0)]
-            for rt, _ in refs:
-                rr = rows.get((rt, job), [])
-                if t == rt or not rr or not M[t]["iops"]:
-                    cells.append("–" if t != rt else "1")
+            for _, fn in refs:
+                rt = fn(t)
+                if rt == t:
+                    cells.append("1")
                     continue
-                ratio = M[t]["iops"] / med(rr, "iops")
-                # per-rep pairs (same rep = measured minutes apart, in the same pass)
-                by_rep = {r["rep"]: float(r["iops"]) for r in rr}
-                pr = sorted(float(r["iops"]) / by_rep[r["rep"]] for r in rs if r["rep"] in by_rep)
-                cells.append(f"**{ratio:.2f}**" + (f" ({pr[0]:.2f}–{pr[-1]:.2f})" if len(pr) > 1 else ""))
+                x = pair_ratio(rows, t, rt, job) if rt else None
+                cells.append(fmt_ratio(x))
             w("| " + " | ".join(cells) + " |")
         w("")
         if "blockd_tcp" in M and "qemu_tcp" in M and M["qemu_tcp"]["iops"]:
             summary.append((title, M["blockd_tcp"]["iops"] / M["qemu_tcp"]["iops"],
                             M.get("blockd_unix", {}).get("iops")))
-    w("Ratios are median IOPS of the row's target over median IOPS of the reference; in brackets "
-      "the range of the per-rep ratios (same rep = same interleaved pass). Server CPU = "
-      "utime+stime of the server process from /proc/PID/stat before/after fio, divided by the I/Os "
-      "fio completed (flushes not counted).\n")
+    if refs:
+        w("Ratios are median IOPS of the row's target over median IOPS of the reference; in brackets "
+          "the range of the per-rep ratios (same rep = same interleaved pass). Server CPU = "
+          "utime+stime of the server process from /proc/PID/stat before/after fio, divided by the I/Os "
+          "fio completed (flushes not counted).\n")
+    if sec.extra:
+        L += sec.extra(meta, rows, targets, jobs)
     if p.get("rewarm"):
         w("Page cache found cold at the start of a rep and re-warmed: " + ", ".join(
             f"rep {e['rep']} ({e['disk_read_mb']} MB read back, {e['drop_caches']} drop_caches)"
             for e in p["rewarm"]) + ".\n")
-    if flagged:
-        w(f"Kept in the medians although flagged (`--keep-flagged`): {len(flagged)} runs (" + ", ".join(
-            f"{r['target']}/{r['job']}/r{r['rep']}: {r['status']}" for r in flagged) + ").\n")
-    if failed:
-        w(f"Runs left out of the medians: {len(failed)} (" + ", ".join(
-            f"{r['target']}/{r['job']}/r{r['rep']}: {r['status']}" for r in failed) + ")\n")
-    return "\n".join(L), summary, meta
+    mine = set(targets)
+    fl = [r for r in flagged if r["target"] in mine and r["job"] in jobs]
+    fa = [r for r in failed if r["target"] in mine and r["job"] in jobs]
+    if fl:
+        w(f"Kept in the medians although flagged (`--keep-flagged`): {len(fl)} runs (" + ", ".join(
+            f"{r['target']}/{r['job']}/r{r['rep']}: {r['status']}" for r in fl) + ").\n")
+    if fa:
+        w(f"Runs left out of the medians: {len(fa)} (" + ", ".join(
+            f"{r['target']}/{r['job']}/r{r['rep']}: {r['status']}" for r in fa) + ")\n")
+    return "\n".join(L), summary
 
 
-def update_docs(section, suite, path=DOCS):
+def render(res, keep_flagged=False):
+    """Every section of a fio run: ([(marker key, title, markdown)], summary, meta)."""
+    meta, rows, failed, flagged = load_run(res, keep_flagged)
+    suite = SUITES.get(meta["suite"])
+    secs = (suite.sections if suite and suite.sections else
+            [Section(None, suite.title if suite else meta["suite"], refs=BASIC_REFS)])
+    out, summary = [], []
+    for sec in secs:
+        targets = [t for t in meta["targets"] if sec.targets is None or t in sec.targets]
+        jobs = [j for j in meta["jobs"] if sec.jobs is None or j in sec.jobs]
+        if not targets or not jobs:
+            continue
+        text, s = render_section(res, meta, rows, failed, flagged, sec, targets, jobs)
+        out.append((sec.key or meta["suite"], sec.title, text))
+        summary += s
+    return out, summary, meta
+
+
+def update_docs(section, suite, path=DOCS, title=None):
     begin, end = f"<!-- bench:{suite}:begin -->", f"<!-- bench:{suite}:end -->"
     block = f"{begin}\n{section.rstrip()}\n{end}"
     if os.path.exists(path):
@@ -990,7 +1561,7 @@ def update_docs(section, suite, path=DOCS):
         post = doc[doc.index(end) + len(end):]
         doc = pre + block + post
     else:
-        suite_title = SUITES[suite].title if suite in SUITES else suite
+        suite_title = title or (SUITES[suite].title if suite in SUITES else suite)
         doc = doc.rstrip() + f"\n\n## {suite_title} (`{suite}`)\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(doc)
@@ -1005,13 +1576,26 @@ def cmd_report(a):
         if not dirs:
             raise BenchError("no results yet; run `python3 bench/bench.py run` first")
         res = os.path.join(RESULTS_ROOT, dirs[-1])
-    section, summary, meta = render(res, a.keep_flagged)
-    print(section)
+    with open(os.path.join(res, "meta.json")) as f:
+        kind = json.load(f).get("kind", "fio")
+    if kind == "clone-time":
+        text = render_clone_time(res)
+        print(text)
+        if not a.no_docs:
+            update_docs(text, a.section or "clone-time", title=CLONE_TIME_TITLE)
+        return
+    sections, summary, meta = render(res, a.keep_flagged)
+    for key, title, text in sections:
+        if len(sections) > 1:
+            print(f"\n===== {key}: {title}\n")
+        print(text)
     if summary:
         print("blockd_tcp / qemu_tcp (median IOPS):", "; ".join(f"{t}: {r:.2f}" for t, r, _ in summary),
               file=sys.stderr)
     if not a.no_docs:
-        update_docs(section, a.section or meta["suite"])
+        for key, title, text in sections:
+            k = key if not a.section else (a.section if len(sections) == 1 else f"{a.section}-{key}")
+            update_docs(text, k, title=title)
 
 
 DOCS_INTRO = """# Benchmarks
@@ -1036,14 +1620,17 @@ the markers is written by hand.
   are about the server's CPU cost per request, not the disk. Every server exports the same
   random bytes, cached after preparation. After each fio run the server is stopped and the
   file system is synced (`syncfs`) so dirty pages of a write job do not slow down the next
-  run. On the benchmark VM, cached pages of idle files disappear after a few minutes even
-  with 18 GiB free. There is no kswapd reclaim and no `drop_caches` by us; it is probably the
-  hypervisor's memory management. So the harness records what the *server process* read
-  from disk during each run (`/proc/PID/io` `read_bytes` → `srv_disk_read_mb`). Runs that
-  read more than 1 % of their data from disk are flagged `disk_reads` and left out of the
-  medians; `report --keep-flagged` keeps them. Before every rep the raw file is re-read
-  with 4 KiB reads, and if that had to go to disk, the blockd volume is re-warmed through
-  NBD in random order.
+  run. On the benchmark VM, cached pages disappear within minutes even with 18 GiB free:
+  the guest kernel runs DAMON proactive reclaim (`kdamond.0`, a `pageout` scheme for
+  memory whose sampled accesses stay at most 1 per 5 s for 30 s; see `bench/README.md`),
+  and random 4 KiB reads spread over 2 GiB look idle to it, so pages go even while a
+  benchmark reads them. So the harness records what the *server process* read from disk
+  during each run (`/proc/PID/io` `read_bytes` → `srv_disk_read_mb`). Runs that read more
+  than 1 % of their data from disk are flagged `disk_reads` and left out of the medians;
+  `report --keep-flagged` keeps them. In `nbd-basic`, before every rep the raw file is
+  re-read with 4 KiB reads, and if that had to go to disk, the blockd volume is re-warmed
+  through NBD in random order. The `cow` suite instead `mlock()`s all prepared data for
+  the whole run (`--pin-cache`), which DAMON cannot page out.
 - **Kernel 6.18 large-folio trap.** A file written with large writes (or read sequentially,
   via readahead) sits in the page cache in large folios, and every 4 KiB buffered random
   write then dirties a whole folio (measured 5–10× fewer IOPS). So every file is filled with
@@ -1058,9 +1645,358 @@ the markers is written by hand.
 """
 
 
+# --------------------------------------------------------------------------- clone-time
+
+CLONE_TIME_TITLE = "Snapshot and clone creation time"
+CT_FIELDS = ["system", "config", "op", "rep", "ms", "stored_delta", "physical_delta", "datadir_delta",
+             "file_bytes", "file_apparent", "load1"]
+
+
+def ct_configs(a):
+    small, big = parse_size(a.small), parse_size(a.big)
+    cfgs = [("size_small", f"{hsize(small)} volume, all {hsize(small)} written"),
+            ("size_big", f"{hsize(big)} volume, {hsize(parse_size(a.big_data))} written, scattered")]
+    cfgs += [(f"depth_{d}", f"end of a snapshot chain of depth {d}") for d in a.depths]
+    return cfgs
+
+
+def cmd_clone_time(a):
+    """Times snapshot and clone creation through the REST API (urllib, one HTTP call each),
+    a clone through the CLI (process start included), and `qemu-img create -b` for a qcow2
+    overlay, for a small and a huge volume holding data and at several chain depths;
+    records the disk space each operation adds. Ops are interleaved rep by rep."""
+    for b in ("qemu-img", "qemu-io"):
+        if not shutil.which(b):
+            raise BenchError(f"{b} missing; run `python3 bench/bench.py setup`")
+    if not os.access(BLOCKD_BIN, os.X_OK):
+        raise BenchError(f"{BLOCKD_BIN} not built; run `python3 bench/bench.py setup`")
+    small, big, big_data = parse_size(a.small), parse_size(a.big), parse_size(a.big_data)
+    depths = sorted(set(a.depths))
+    a.depths = depths
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    res = os.path.abspath(a.out or os.path.join(RESULTS_ROOT, stamp + "-clone-time"))
+    os.makedirs(os.path.join(res, "logs"), exist_ok=True)
+    work = Work(a.work_dir, 0, os.path.join(res, "logs"))
+    leftover = [p for p in work._pids() if pid_alive(int(p))]
+    if leftover:
+        raise BenchError(f"servers from an earlier run are still alive ({', '.join(leftover)}); "
+                         f"run `python3 bench/bench.py clean` first")
+    root = os.path.join(work.root, "clone-time")
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    ddir, qdir = os.path.join(root, "blockd-data"), os.path.join(root, "qcow2")
+    os.makedirs(qdir)
+    meta = {
+        "kind": "clone-time",
+        "command": "python3 " + " ".join(shlex.quote(x) for x in
+                                         [os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *sys.argv[1:]]),
+        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "ops": a.ops, "small": hsize(small), "big": hsize(big), "big_data": hsize(big_data),
+        "depths": depths, "writes_per_layer": a.layer_writes,
+        "configs": dict(ct_configs(a)),
+        "machine": machine_facts(work.root),
+        "load_at_start": open("/proc/loadavg").read().split()[:3],
+        "prep": {},
+    }
+    prep = meta["prep"]
+    rows, build = [], []
+    t_start = time.time()
+    rng = random.Random(a.seed)
+
+    def small_writes(vol_size, pat):
+        return [f"write -q -P {pat} {rng.randrange(vol_size // CHUNK) * CHUNK} 4k" for _ in range(a.layer_writes)]
+
+    try:
+        srv = start_blockd(work, "clone-time", data_dir=ddir)
+        api, nbd = srv.api, srv.nbd
+        meta["server"] = " ".join(srv.cmd)
+
+        def df():
+            d, _ = api_ok(api, "GET", "/v1/df")
+            return d
+
+        def timed_api(cfg, op, rep, method, path, body):
+            d0, u0 = df(), dir_allocated_bytes(ddir)
+            _, secs = api_ok(api, method, path, body)
+            d1, u1 = df(), dir_allocated_bytes(ddir)
+            rows.append({"system": "blockd", "config": cfg, "op": op, "rep": rep, "ms": round(secs * 1e3, 3),
+                         "stored_delta": d1["stored_bytes"] - d0["stored_bytes"],
+                         "physical_delta": d1["physical_bytes"] - d0["physical_bytes"],
+                         "datadir_delta": u1 - u0, "load1": loadavg()})
+
+        def timed_cli(cfg, rep, snap, name):
+            u0 = dir_allocated_bytes(ddir)
+            t0 = time.perf_counter()
+            subprocess.run([BLOCKD_BIN, "--api", api, "volume", "clone", snap, name], check=True,
+                           stdout=subprocess.DEVNULL)
+            secs = time.perf_counter() - t0
+            rows.append({"system": "blockd", "config": cfg, "op": "clone_cli", "rep": rep,
+                         "ms": round(secs * 1e3, 3), "datadir_delta": dir_allocated_bytes(ddir) - u0,
+                         "load1": loadavg()})
+
+        probe_dir = os.path.join(root, "fs-probe")
+        os.makedirs(probe_dir)
+
+        def timed_fs_probe(cfg, rep):
+            """What one catalog update costs on this file system, without blockd: write a
+            file as big as the catalog to a temporary name, fsync it, rename it over the old
+            one, fsync the directory (the sequence of fsutil::write_atomic)."""
+            cat = os.path.join(ddir, "catalog")
+            n = os.stat(cat).st_size if os.path.exists(cat) else 4096
+            data, tmp = os.urandom(n), os.path.join(probe_dir, ".catalog.tmp")
+            t0 = time.perf_counter()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, os.path.join(probe_dir, "catalog"))
+            dfd = os.open(probe_dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            rows.append({"system": "fs", "config": cfg, "op": "atomic_replace", "rep": rep,
+                         "ms": round((time.perf_counter() - t0) * 1e3, 3), "file_bytes": n, "load1": loadavg()})
+
+        def timed_qemu_img(cfg, rep, backing, fmt):
+            ov = os.path.join(qdir, f"ov-{cfg}-{rep}.qcow2")
+            t0 = time.perf_counter()
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", fmt, ov], check=True)
+            secs = time.perf_counter() - t0
+            st = os.stat(ov)
+            rows.append({"system": "qcow2", "config": cfg, "op": "qemu_img_create", "rep": rep,
+                         "ms": round(secs * 1e3, 3), "file_bytes": st.st_blocks * 512,
+                         "file_apparent": st.st_size, "load1": loadavg()})
+            os.unlink(ov)
+            return secs
+
+        # ---- volumes holding data (written through NBD), and raw bases for qemu-img
+        api_ok(api, "POST", "/v1/volumes", {"name": "small", "size": small})
+        api_ok(api, "POST", "/v1/volumes", {"name": "big", "size": big})
+        t0 = time.time()
+        mib = 1 << 20
+        qemu_io(f"nbd://{nbd}/small", "raw", [f"write -q -P 97 {o} {mib}" for o in range(0, small, mib)])
+        prep["fill_small_s"] = round(time.time() - t0, 1)
+        chunk = 64 << 10
+        n = big_data // chunk
+        stride = (big // n) // CHUNK * CHUNK
+        big_offs = [i * stride for i in range(n)]
+        t0 = time.time()
+        for k in range(0, n, 2048):     # keep each qemu-io command line well under ARG_MAX
+            qemu_io(f"nbd://{nbd}/big", "raw", [f"write -q -P 98 {o} {chunk}" for o in big_offs[k:k + 2048]])
+        prep["fill_big_s"] = round(time.time() - t0, 1)
+        prep["big_layout"] = f"{n} writes of {chunk // 1024} KiB, one every {hsize(stride)}"
+        prep["df_after_fill"] = df()
+        base_small, base_big = os.path.join(qdir, "base-small.raw"), os.path.join(qdir, "base-big.raw")
+        with open(base_small, "wb") as f:
+            for _ in range(small // mib):
+                f.write(b"a" * mib)
+        with open(base_big, "wb") as f:
+            f.truncate(big)
+            for o in big_offs:
+                f.seek(o)
+                f.write(b"b" * chunk)
+        syncfs(root)
+
+        # ---- chains of the largest depth, on top of the small volume
+        maxd = max(depths) if depths else 0
+        t0 = time.time()
+        api_ok(api, "POST", "/v1/snapshots", {"name": "small@c0"})
+        prev, qprev, qfmt = "small@c0", base_small, "raw"
+        for i in range(1, maxd + 1):
+            _, tc = api_ok(api, "POST", "/v1/volumes", {"name": f"l{i}", "from": prev})
+            qemu_io(f"nbd://{nbd}/l{i}", "raw", small_writes(small, i % 256))
+            _, ts = api_ok(api, "POST", "/v1/snapshots", {"name": f"l{i}@s"})
+            layer = os.path.join(qdir, f"l{i}.qcow2")
+            q0 = time.perf_counter()
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", qprev, "-F", qfmt, layer], check=True)
+            tq = time.perf_counter() - q0
+            qemu_io(layer, "qcow2", small_writes(small, i % 256))
+            build.append([i, round(tc * 1e3, 3), round(ts * 1e3, 3), round(tq * 1e3, 3)])
+            prev, qprev, qfmt = f"l{i}@s", layer, "qcow2"
+        prep["chain_build_s"] = round(time.time() - t0, 1)
+        prep["chain_build_ms"] = build      # [depth, blockd clone, blockd snapshot, qemu-img create]
+        prep["df_after_chain"] = df()
+        syncfs(root)
+        log(f"clone-time: volumes filled, chains of depth {maxd} built; measuring {a.ops} ops per case")
+
+        # ---- the measurement, interleaved: every rep does every case once
+        s0 = cpu_snapshot()
+        for rep in range(1, a.ops + 1):
+            for vol, cfg, back in (("small", "size_small", base_small), ("big", "size_big", base_big)):
+                qemu_io(f"nbd://{nbd}/{vol}", "raw", small_writes(small, rep % 256))
+                timed_api(cfg, "snapshot", rep, "POST", "/v1/snapshots", {"name": f"{vol}@s{rep}"})
+                timed_api(cfg, "clone", rep, "POST", "/v1/volumes", {"name": f"{vol}-c{rep}", "from": f"{vol}@s{rep}"})
+                timed_cli(cfg, rep, f"{vol}@s{rep}", f"{vol}-cli{rep}")
+                timed_qemu_img(cfg, rep, back, "raw")
+                timed_fs_probe(cfg, rep)
+            for d in depths:
+                cfg, name = f"depth_{d}", f"d{d}c{rep}"
+                timed_api(cfg, "clone", rep, "POST", "/v1/volumes", {"name": name, "from": f"l{d}@s"})
+                timed_cli(cfg, rep, f"l{d}@s", f"d{d}cli{rep}")
+                qemu_io(f"nbd://{nbd}/{name}", "raw", small_writes(small, rep % 256))
+                timed_api(cfg, "snapshot", rep, "POST", "/v1/snapshots", {"name": f"{name}@s"})
+                timed_qemu_img(cfg, rep, os.path.join(qdir, f"l{d}.qcow2"), "qcow2")
+                timed_fs_probe(cfg, rep)
+        s1 = cpu_snapshot()
+        steal, busy = cpu_delta(s0, s1)
+        meta["conditions"] = {"steal_pct": round(steal, 1), "busy_pct": round(busy, 1)}
+        prep["df_end"] = df()
+        prep["datadir_bytes_end"] = dir_allocated_bytes(ddir)
+        cat = os.path.join(ddir, "catalog")
+        prep["catalog_bytes_end"] = os.stat(cat).st_size if os.path.exists(cat) else None
+    finally:
+        work.stop_all()
+        meta["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        meta["wall_s"] = round(time.time() - t_start)
+        with open(os.path.join(res, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        with open(os.path.join(res, "clone_time.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CT_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        if os.path.exists(root):
+            shutil.rmtree(root)
+    text = render_clone_time(res)
+    print(text)
+    if a.report:
+        update_docs(text, "clone-time", title=CLONE_TIME_TITLE)
+    shown = os.path.relpath(res, REPO) if res.startswith(REPO + os.sep) else res
+    log(f"clone-time done in {time.time() - t_start:.0f} s -> {shown}")
+    return res
+
+
+def _ms_cell(v, limit=None):
+    if not v:
+        return "–"
+    v = sorted(v)
+    m = statistics.median(v)
+    mark = "" if limit is None else (" ✓" if m < limit else " ✗")
+    return f"{m:.1f} [{v[0]:.1f}–{v[-1]:.1f}]{mark}"
+
+
+def _bytes(v):
+    if v is None:
+        return "–"
+    v = int(v)
+    a = abs(v)
+    if a >= 1 << 20:
+        return f"{v / (1 << 20):.1f} MiB"
+    if a >= 1 << 10:
+        return f"{v / (1 << 10):.1f} KiB"
+    return f"{v} B"
+
+
+def render_clone_time(res, limit_ms=10.0):
+    with open(os.path.join(res, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(res, "clone_time.csv")) as f:
+        rows = list(csv.DictReader(f))
+    p, m = meta.get("prep", {}), meta["machine"]
+    L = []
+    w = L.append
+
+    def sel(cfg, op, key="ms"):
+        return [float(r[key]) for r in rows if r["config"] == cfg and r["op"] == op and r.get(key) not in ("", None)]
+
+    w(f"Run `{os.path.basename(res)}`: {meta['started_utc']} – {meta.get('finished_utc', '?')} "
+      f"({meta.get('wall_s', '?')} s), {meta['ops']} operations per case, interleaved (every rep does "
+      f"every case once).\n")
+    w("```")
+    w(meta["command"])
+    w(meta.get("server", ""))
+    w("```\n")
+    w("Machine and versions:\n")
+    w("```")
+    for k in ("kernel", "cpu", "mem", "fs", "qemu-nbd", "blockd", "tree"):
+        w(f"{k}: {m.get(k, '?')}")
+    w("```\n")
+    loads = sorted(float(r["load1"]) for r in rows if r.get("load1"))
+    c = meta.get("conditions", {})
+    if loads:
+        w(f"Conditions during the measurement: load1 {statistics.median(loads):.2f} "
+          f"[{loads[0]:.2f}–{loads[-1]:.2f}], steal {c.get('steal_pct', '?')} %, CPU busy (without steal) "
+          f"{c.get('busy_pct', '?')} % of {os.cpu_count()} vCPUs.\n")
+    w(f"How: one blockd daemon on a fresh data dir (same file system as the benchmark work dir). "
+      f"`small` is a {meta['small']} volume written in full through NBD (qemu-io, 1 MiB writes, "
+      f"{p.get('fill_small_s', '?')} s); `big` is a {meta['big']} volume holding {meta['big_data']} "
+      f"({p.get('big_layout', '?')}; {p.get('fill_big_s', '?')} s). The chain is built on `small`: "
+      f"`small@c0` ← clone `l1` + {meta['writes_per_layer']} random 4 KiB writes ← snapshot `l1@s` ← "
+      f"clone `l2` ... up to depth {max(meta['depths']) if meta['depths'] else 0} "
+      f"({p.get('chain_build_s', '?')} s); the qcow2 chain alongside it: base-small.raw ← l1.qcow2 "
+      f"(the same number of writes, qemu-io) ← .... Every rep then, per case: "
+      f"**size cases**: {meta['writes_per_layer']} 4 KiB writes to the volume through NBD (qemu-io, "
+      f"which flushes), `POST /v1/snapshots {{\"name\": \"VOL@sN\"}}` (timed), `POST /v1/volumes "
+      f"{{\"name\": ..., \"from\": \"VOL@sN\"}}` (timed), `blockd volume clone VOL@sN NAME` (timed, "
+      f"process start included), `qemu-img create -q -f qcow2 -b BASE.raw -F raw OV` (timed); "
+      f"**depth d**: clone `l<d>@s` via the API and via the CLI (timed), "
+      f"{meta['writes_per_layer']} writes to the API clone, snapshot it (timed), "
+      f"`qemu-img create -q -f qcow2 -b l<d>.qcow2 -F qcow2 OV` (timed). API times are the whole "
+      f"urllib call (new TCP connection, request, server work, response) measured in Python.\n")
+    w(f"Median [min–max] in ms over {meta['ops']} operations; ✓ = median under {limit_ms:.0f} ms "
+      f"(the target for blockd snapshot and clone creation). The fs probe (Python, no blockd) does "
+      f"what one catalog update does: write a file as big as the catalog under a temporary name, "
+      f"fsync, rename, fsync the directory; every blockd snapshot or clone makes one such update "
+      f"(a snapshot also seals the volume's active segment: fdatasync of .dat, write and fdatasync "
+      f"of .idx).\n")
+    probe = any(r["op"] == "atomic_replace" for r in rows)
+    w("| case | blockd snapshot (REST) | blockd clone (REST) | blockd clone (CLI, incl. process start) "
+      "| qemu-img create -b (qcow2 overlay) |" + (" fs probe: one catalog-sized atomic replace |" if probe else "")
+      + " target < 10 ms |")
+    w("|---|---|---|---|---|" + ("---|" if probe else "") + "---|")
+    for cfg, title in meta["configs"].items():
+        sn, cl = sel(cfg, "snapshot"), sel(cfg, "clone")
+        ok = sn and cl and statistics.median(sn) < limit_ms and statistics.median(cl) < limit_ms
+        w(f"| {title} | {_ms_cell(sn, limit_ms)} | {_ms_cell(cl, limit_ms)} | {_ms_cell(sel(cfg, 'clone_cli'))} "
+          f"| {_ms_cell(sel(cfg, 'qemu_img_create'))} |" + (f" {_ms_cell(sel(cfg, 'atomic_replace'))} |" if probe else "")
+          + f" {'**met**' if ok else '**not met**'} |")
+    w("")
+    w("Space each operation added, median over the operations (blockd: `GET /v1/df` "
+      "`stored_bytes` / `physical_bytes` and the allocated size of the whole data dir, i.e. "
+      "segment files and the catalog, before and after the call; the data dir grows in 4 KiB "
+      "file-system blocks, so the mean is shown too; qcow2: the new overlay file, allocated / "
+      "apparent size):\n")
+    w("| case | blockd snapshot: stored / physical / data dir median (mean) | blockd clone: stored / "
+      "physical / data dir median (mean) | qcow2 overlay: allocated / apparent |")
+    w("|---|---|---|---|")
+
+    def space(cfg, op):
+        st, ph, dd = sel(cfg, op, "stored_delta"), sel(cfg, op, "physical_delta"), sel(cfg, op, "datadir_delta")
+        if not dd:
+            return "–"
+        return (f"{_bytes(statistics.median(st))} / {_bytes(statistics.median(ph))} / "
+                f"{_bytes(statistics.median(dd))} ({_bytes(statistics.mean(dd))})")
+    for cfg, title in meta["configs"].items():
+        fb, fa = sel(cfg, "qemu_img_create", "file_bytes"), sel(cfg, "qemu_img_create", "file_apparent")
+        w(f"| {title} | {space(cfg, 'snapshot')} | {space(cfg, 'clone')} | "
+          f"{_bytes(statistics.median(fb)) if fb else '–'} / {_bytes(statistics.median(fa)) if fa else '–'} |")
+    w("")
+    b = p.get("chain_build_ms") or []
+    if b:
+        buckets = [(1, 1), (2, 10), (11, 50), (51, 100), (101, 10 ** 9)]
+        w("While building the chain (one operation per depth; median [min–max] ms per range of depths):\n")
+        w("| depths | blockd clone (REST) | blockd snapshot (REST) | qemu-img create -b |")
+        w("|---|---|---|---|")
+        for lo, hi in buckets:
+            part = [x for x in b if lo <= x[0] <= hi]
+            if part:
+                w(f"| {lo}–{min(hi, b[-1][0])} | {_ms_cell([x[1] for x in part])} | "
+                  f"{_ms_cell([x[2] for x in part])} | {_ms_cell([x[3] for x in part])} |")
+        w("")
+    de = p.get("df_end") or {}
+    if de:
+        w(f"Store at the end: {de.get('volumes')} volumes, {de.get('snapshots')} snapshots, "
+          f"{de.get('segments')} segments, stored {_bytes(de.get('stored_bytes'))}, physical "
+          f"{_bytes(de.get('physical_bytes'))}, data dir {_bytes(p.get('datadir_bytes_end'))}, catalog "
+          f"{_bytes(p.get('catalog_bytes_end'))} (rewritten in full by every snapshot/clone).\n")
+    return "\n".join(L)
+
+
 # --------------------------------------------------------------------------- setup / clean / list
 
-APT = {"fio": "fio", "qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils", "nbdkit": "nbdkit",
+APT = {"fio": "fio", "qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils", "qemu-io": "qemu-utils", "nbdkit": "nbdkit",
        "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin"}
 
 
@@ -1136,12 +2072,26 @@ def main():
     r.add_argument("--pause", type=float, default=2.0, help="seconds between fio runs after sync")
     r.add_argument("--out", help="results dir (default bench/results/<UTC timestamp>)")
     r.add_argument("--report", action="store_true", help="run `report` (and update the docs) at the end")
+    r.add_argument("--chain-seed", type=int, default=1, help="seed of the chain layers' write offsets")
+    r.add_argument("--pin-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="mlock the prepared data in the page cache for the whole run (default: the "
+                        "suite's; on for cow)")
     p = sub.add_parser("report", help="median tables; updates docs/BENCHMARKS.md")
     p.add_argument("results_dir", nargs="?", help="default: newest dir under bench/results")
     p.add_argument("--no-docs", action="store_true", help="only print, leave docs/BENCHMARKS.md alone")
     p.add_argument("--section", help="marker key in docs/BENCHMARKS.md (default: the run's suite)")
     p.add_argument("--keep-flagged", action="store_true",
                    help="count runs flagged disk_reads/cache_dropped in the medians (listed below the tables)")
+    c = sub.add_parser("clone-time", help="time snapshot/clone creation (REST, CLI) and qemu-img create -b")
+    c.add_argument("--ops", type=int, default=15, help="operations per case (default %(default)s)")
+    c.add_argument("--small", default="1G", help="size of the small volume, written in full")
+    c.add_argument("--big", default="1T", help="size of the big volume")
+    c.add_argument("--big-data", default="256M", help="data written to the big volume, 64 KiB pieces spread evenly")
+    c.add_argument("--depths", type=int, nargs="+", default=list(CHAIN_DEPTHS), help="chain depths measured")
+    c.add_argument("--layer-writes", type=int, default=4, help="4 KiB writes per chain layer and before each snapshot")
+    c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--out", help="results dir (default bench/results/<UTC timestamp>-clone-time)")
+    c.add_argument("--report", action="store_true", help="update the clone-time section of docs/BENCHMARKS.md")
     sub.add_parser("clean", help="stop servers left by a killed run, remove the work dir")
     sub.add_parser("list", help="suites, targets, jobs")
     a = ap.parse_args()
@@ -1155,7 +2105,8 @@ def main():
                 cmd_report(argparse.Namespace(results_dir=res, no_docs=False, section=None,
                                              keep_flagged=False))
         else:
-            {"setup": cmd_setup, "report": cmd_report, "clean": cmd_clean, "list": cmd_list}[a.cmd](a)
+            {"setup": cmd_setup, "report": cmd_report, "clean": cmd_clean, "list": cmd_list,
+             "clone-time": cmd_clone_time}[a.cmd](a)
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 1
