@@ -62,7 +62,7 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     }
     tracing::info!(seconds = store.recovery_seconds, "store opened");
     let store = Arc::new(store);
-    let _compactor = start_compactor(store.clone(), cfg.compact_interval);
+    let compactor = start_compactor(store.clone(), cfg.compact_interval);
     let exports = Arc::new(Exports::new(store));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -71,10 +71,14 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(cfg, exports))
+    runtime.block_on(serve(cfg, exports, compactor))
 }
 
-async fn serve(cfg: ServeConfig, exports: Arc<Exports>) -> Result<()> {
+async fn serve(
+    cfg: ServeConfig,
+    exports: Arc<Exports>,
+    compactor: Option<std::thread::JoinHandle<()>>,
+) -> Result<()> {
     let server = Server::new(exports.clone(), cfg.limits.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -141,6 +145,11 @@ async fn serve(cfg: ServeConfig, exports: Arc<Exports>) -> Result<()> {
     let srv = server.clone();
     tokio::task::spawn_blocking(move || srv.shutdown()).await?;
     let store = exports.store().clone();
+    // Let a compaction pass reach a safe point (a half-written segment would be an orphan).
+    store.begin_shutdown();
+    if let Some(c) = compactor {
+        let _ = tokio::task::spawn_blocking(move || c.join()).await;
+    }
     if let Err(e) = tokio::task::spawn_blocking(move || store.flush_all()).await? {
         tracing::error!(error = %e, "flush at shutdown failed");
     }
@@ -197,8 +206,14 @@ fn start_compactor(store: Arc<Store>, interval: Duration) -> Option<std::thread:
     std::thread::Builder::new()
         .name("compactor".into())
         .spawn(move || {
-            loop {
-                std::thread::sleep(interval);
+            while !store.is_stopping() {
+                let until = std::time::Instant::now() + interval;
+                while std::time::Instant::now() < until && !store.is_stopping() {
+                    std::thread::sleep(Duration::from_millis(50).min(interval));
+                }
+                if store.is_stopping() {
+                    break;
+                }
                 match store.compact(&Policy::default()) {
                     Ok(r) if r != Default::default() => {
                         tracing::info!(report = ?r, "compaction pass")

@@ -134,9 +134,15 @@ impl Store {
         let mut report = Report::default();
         let (volumes, snapshots) = self.objects();
         for v in volumes {
+            if self.is_stopping() {
+                return Ok(report);
+            }
             self.compact_volume(&v, policy, &mut report)?;
         }
         for s in snapshots {
+            if self.is_stopping() {
+                return Ok(report);
+            }
             let segs: Vec<Arc<Segment>> = s.segments.lock().clone();
             let state = s.state.read().clone();
             self.punch_segments(&segs, &state, policy, &mut report)?;
@@ -206,6 +212,9 @@ impl Store {
         }
         let mut punch = Vec::new();
         for seg in segs {
+            if self.is_stopping() {
+                break;
+            }
             if rewrite(&seg) {
                 match self.rewrite_segment(v, &seg, &state) {
                     Ok(Some((copied, removed))) => {

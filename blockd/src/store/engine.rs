@@ -101,6 +101,8 @@ pub struct Store {
     pub recovery_seconds: f64,
     /// Notes from recovery (torn tails cut, damaged batches), for logs and `verify`.
     pub recovery_notes: Vec<String>,
+    /// Set at shutdown: background work (compaction) stops at its next safe point.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn not_found(what: &str, name: &str, hint: &'static str) -> StoreError {
@@ -178,6 +180,7 @@ impl Store {
             state: RwLock::new(State { volumes, snapshots }),
             recovery_seconds: started.elapsed().as_secs_f64(),
             recovery_notes: notes,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         };
         {
             let _ops = store.ops.lock();
@@ -342,6 +345,10 @@ impl Store {
         let _ops = self.ops.lock();
         let v = self.volume_by_name(name)?;
         Self::check_unused(&v, "reset")?;
+        // What the volume goes back to depends on whether a deleted snapshot has been
+        // merged into it yet: finish any merge a failed catalog write left pending first,
+        // so a reset always means the same thing.
+        self.gc_hidden()?;
         let origin = *v.origin.lock();
         let base = match origin {
             Some(o) => {
@@ -758,6 +765,15 @@ impl Store {
             stored_bytes: stored,
             physical_bytes: segs.iter().map(|s| s.allocated_bytes()).sum::<u64>() + idx_bytes,
         }
+    }
+
+    /// Asks background work to stop at its next safe point (shutdown).
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// The lock that serialises control operations (compaction takes it to swap segments).

@@ -207,7 +207,12 @@ pub struct Active {
     /// Records covered by a commit batch.
     pub committed: usize,
     pub next_seq: u64,
+    /// Payload bytes below this were handed to writeback already.
+    writeback_from: u64,
 }
+
+/// Writeback of an active segment's payloads is started every this many bytes.
+const WRITEBACK_CHUNK_BYTES: u64 = 8 << 20;
 
 impl Active {
     /// Creates the files of a new segment, headers synced. The caller syncs the directory
@@ -256,6 +261,7 @@ impl Active {
             records: Vec::new(),
             committed: 0,
             next_seq: first_seq,
+            writeback_from: DAT_HEADER_BYTES,
         })
     }
 
@@ -277,6 +283,15 @@ impl Active {
         };
         self.append_entry(record)?;
         self.dat_tail = data_off + len;
+        // Keep the dirty payload bytes of the active segment small, so that the sync
+        // when it is sealed (and every flush) finds little left to write.
+        if self.dat_tail - self.writeback_from >= WRITEBACK_CHUNK_BYTES {
+            let _ = self
+                .seg
+                .dat
+                .start_writeback(self.writeback_from, self.dat_tail - self.writeback_from);
+            self.writeback_from = self.dat_tail;
+        }
         Ok(record)
     }
 
@@ -325,6 +340,7 @@ impl Active {
             upto: self.records.len(),
             records,
             seal: false,
+            sync_dat: true,
         })
     }
 
@@ -350,6 +366,8 @@ impl Active {
             upto: self.records.len(),
             records: self.records.clone(),
             seal: true,
+            // Payloads of committed records were synced before their batch was written.
+            sync_dat: self.committed < self.records.len(),
         }
     }
 }
@@ -364,13 +382,17 @@ pub struct Pending {
     pub upto: usize,
     records: Vec<Record>,
     seal: bool,
+    /// Whether payloads not yet covered by a synced batch exist.
+    sync_dat: bool,
 }
 
 impl Pending {
     /// Makes the payloads durable, then writes and syncs the batch. Only after this
     /// returns are the records committed.
     pub fn write(&self) -> std::io::Result<()> {
-        self.dat.sync_data()?;
+        if self.sync_dat {
+            self.dat.sync_data()?;
+        }
         self.idx.write_all_at(
             &format::encode_batch(&self.records, self.seal),
             self.slot * ENTRY_BYTES as u64,

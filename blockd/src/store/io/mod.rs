@@ -26,6 +26,11 @@ pub trait FileIo: Send + Sync {
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()>;
     /// Bytes of disk the file occupies.
     fn allocated_bytes(&self) -> io::Result<u64>;
+    /// Starts writing back dirty pages of a range without waiting (a hint: a later
+    /// `sync_data` then has less to do).
+    fn start_writeback(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Reads exactly `buf.len()` bytes at `off`; a short file is an error.
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {

@@ -61,6 +61,20 @@ impl FileIo for SyncFile {
         }
     }
 
+    fn start_writeback(&self, off: u64, len: u64) -> io::Result<()> {
+        let (Ok(o), Ok(l)) = (libc::off64_t::try_from(off), libc::off64_t::try_from(len)) else {
+            return Ok(());
+        };
+        // SAFETY: sync_file_range on a descriptor owned by this file; no memory is passed.
+        let rc =
+            unsafe { libc::sync_file_range(self.0.as_raw_fd(), o, l, libc::SYNC_FILE_RANGE_WRITE) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn allocated_bytes(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.blocks().saturating_mul(512))
     }
