@@ -58,6 +58,30 @@ impl Name {
         Ok(Name(s.to_owned()))
     }
 
+    /// A name the control plane derives from a user's name (`img.NAME`, `cln.NAME`):
+    /// the same characters, up to 80 of them to leave room for the prefix.
+    pub fn internal(s: &str) -> Result<Name, NameError> {
+        if s.chars().count() > MAX_NAME_CHARS + 17 {
+            return Err(NameError {
+                what: "internal",
+                given: s.chars().take(80).collect(),
+                reason: "it is too long",
+            });
+        }
+        let probe: String = s.chars().take(MAX_NAME_CHARS).collect();
+        Name::parse("internal", &probe)?;
+        if s.chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        {
+            return Err(NameError {
+                what: "internal",
+                given: s.into(),
+                reason: "only letters, digits, '-', '_' and '.' are allowed",
+            });
+        }
+        Ok(Name(s.to_owned()))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

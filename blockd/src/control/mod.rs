@@ -1,4 +1,8 @@
-//! The control plane: the REST API and, in later stages, images, clones and sources.
-//! It manages the catalog and processes; it never sits on the I/O path.
+//! The control plane: the REST API, and databases on volumes: images, clones attached to
+//! running PostgreSQL instances, API tokens. It manages the catalog and processes; it never
+//! sits on the I/O path.
 
 pub mod api;
+pub mod host;
+pub mod model;
+pub mod postgres;

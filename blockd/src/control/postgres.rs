@@ -1,0 +1,344 @@
+//! Running PostgreSQL on a mounted volume, always as the `postgres` OS user.
+//!
+//! Layout on a database volume: `/pgdata` is the data directory. Outside the volume, every
+//! instance has a private run directory (mode 0700, owned by `postgres`) holding its Unix
+//! socket and its server log; blockd talks to the instance only through that socket.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::host::{self, HostResult, err};
+
+pub const PGDATA_DIR: &str = "pgdata";
+pub const SUPERUSER: &str = "postgres";
+const OS_USER: &str = "postgres";
+
+/// pg_hba.conf blockd installs on every database it manages: the private socket trusts
+/// (only root and the postgres user can reach it), TCP needs a password.
+pub const HBA: &str = "\
+# Written by blockd. Local connections come through blockd's private socket directory.
+local   all   all                 trust
+host    all   all   127.0.0.1/32  scram-sha-256
+host    all   all   ::1/128       scram-sha-256
+host    all   all   0.0.0.0/0     scram-sha-256
+host    all   all   ::/0          scram-sha-256
+";
+
+/// One installed PostgreSQL major version.
+#[derive(Debug, Clone)]
+pub struct Pg {
+    pub version: u32,
+    bin: PathBuf,
+}
+
+/// Major versions installed under /usr/lib/postgresql.
+pub fn installed() -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+                .filter(|n: &u32| {
+                    Path::new(&format!("/usr/lib/postgresql/{n}/bin/postgres")).exists()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// The uid and gid of the `postgres` OS user.
+pub fn os_user_ids() -> HostResult<(u32, u32)> {
+    let out = host::run_s("id", &["-u", OS_USER], host::QUICK)?;
+    let uid = out
+        .trim()
+        .parse()
+        .map_err(|_| err("id -u postgres", out.clone()))?;
+    let out = host::run_s("id", &["-g", OS_USER], host::QUICK)?;
+    let gid = out
+        .trim()
+        .parse()
+        .map_err(|_| err("id -g postgres", out.clone()))?;
+    Ok((uid, gid))
+}
+
+/// Makes `dir` exist, owned by postgres, with `mode`.
+pub fn own_dir(dir: &Path, mode: u32) -> HostResult<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| err("creating a directory", format!("{}: {e}", dir.display())))?;
+    chown(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| err("chmod", format!("{}: {e}", dir.display())))
+}
+
+pub fn chown(path: &Path) -> HostResult<()> {
+    let (uid, gid) = os_user_ids()?;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| err("chown", format!("{}: {e}", path.display())))
+}
+
+/// Writes a file owned by postgres.
+pub fn write_owned(path: &Path, content: &[u8], mode: u32) -> HostResult<()> {
+    std::fs::write(path, content)
+        .map_err(|e| err("writing", format!("{}: {e}", path.display())))?;
+    chown(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| err("chmod", format!("{}: {e}", path.display())))
+}
+
+impl Pg {
+    pub fn find(version: u32) -> HostResult<Pg> {
+        let bin = PathBuf::from(format!("/usr/lib/postgresql/{version}/bin"));
+        if !bin.join("postgres").exists() {
+            let have = installed();
+            return Err(err(
+                format!("PostgreSQL {version}"),
+                if have.is_empty() {
+                    "no PostgreSQL is installed under /usr/lib/postgresql; install the postgresql package".to_string()
+                } else {
+                    format!(
+                        "it is not installed; installed versions: {}",
+                        have.iter()
+                            .map(|v| v.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
+            ));
+        }
+        Ok(Pg { version, bin })
+    }
+
+    fn tool(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
+    /// Runs one of this version's programs as the postgres user.
+    fn run_as(
+        &self,
+        tool: &str,
+        args: &[&OsStr],
+        limit: Duration,
+        env: &[(&str, &str)],
+    ) -> HostResult<String> {
+        let prog = self.tool(tool);
+        let mut a: Vec<&OsStr> = vec![
+            OsStr::new("-u"),
+            OsStr::new(OS_USER),
+            OsStr::new("--"),
+            prog.as_os_str(),
+        ];
+        a.extend_from_slice(args);
+        host::run("runuser", &a, limit, env)
+    }
+
+    pub fn initdb(&self, pgdata: &Path) -> HostResult<()> {
+        self.run_as(
+            "initdb",
+            &[
+                OsStr::new("-D"),
+                pgdata.as_os_str(),
+                OsStr::new("-U"),
+                OsStr::new(SUPERUSER),
+                OsStr::new("--auth-local=trust"),
+                OsStr::new("--auth-host=scram-sha-256"),
+                OsStr::new("-E"),
+                OsStr::new("UTF8"),
+                OsStr::new("--no-instructions"),
+            ],
+            host::LONG,
+            &[],
+        )
+        .map(|_| ())
+    }
+
+    /// Starts the server and waits until it accepts connections. `listen` empty means
+    /// the private socket only.
+    pub fn start(&self, pgdata: &Path, run_dir: &Path, port: u16, listen: &str) -> HostResult<()> {
+        let opts = format!(
+            "-p {port} -c listen_addresses='{listen}' -c unix_socket_directories='{}' \
+             -c archive_mode=off -c hba_file='{}/pg_hba.conf'",
+            run_dir.display(),
+            pgdata.display()
+        );
+        let log = run_dir.join("postgres.log");
+        self.run_as(
+            "pg_ctl",
+            &[
+                OsStr::new("-D"),
+                pgdata.as_os_str(),
+                OsStr::new("-o"),
+                OsStr::new(&opts),
+                OsStr::new("-l"),
+                log.as_os_str(),
+                OsStr::new("-w"),
+                OsStr::new("-t"),
+                OsStr::new("600"),
+                OsStr::new("start"),
+            ],
+            Duration::from_secs(610),
+            &[],
+        )
+        .map_err(|e| {
+            let log_tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let last: Vec<&str> = log_tail.lines().rev().take(10).collect();
+            err(
+                e.what,
+                format!(
+                    "{}; server log {}:\n{}",
+                    e.detail,
+                    log.display(),
+                    last.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ),
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Stops the server: `fast` rolls back sessions and checkpoints; `immediate` does not.
+    pub fn stop(&self, pgdata: &Path, mode: &str) -> HostResult<()> {
+        if running_pid(pgdata).is_none() {
+            return Ok(());
+        }
+        self.run_as(
+            "pg_ctl",
+            &[
+                OsStr::new("-D"),
+                pgdata.as_os_str(),
+                OsStr::new("-m"),
+                OsStr::new(mode),
+                OsStr::new("-w"),
+                OsStr::new("-t"),
+                OsStr::new("120"),
+                OsStr::new("stop"),
+            ],
+            Duration::from_secs(130),
+            &[],
+        )
+        .map(|_| ())
+    }
+
+    /// Runs SQL through psql over the private socket, stopping at the first error.
+    pub fn psql(&self, run_dir: &Path, port: u16, db: &str, sql: &str) -> HostResult<String> {
+        self.run_as(
+            "psql",
+            &[
+                OsStr::new("-X"),
+                OsStr::new("-q"),
+                OsStr::new("-v"),
+                OsStr::new("ON_ERROR_STOP=1"),
+                OsStr::new("-h"),
+                run_dir.as_os_str(),
+                OsStr::new("-p"),
+                OsStr::new(&port.to_string()),
+                OsStr::new("-U"),
+                OsStr::new(SUPERUSER),
+                OsStr::new("-d"),
+                OsStr::new(db),
+                OsStr::new("-c"),
+                OsStr::new(sql),
+            ],
+            host::LONG,
+            &[],
+        )
+    }
+
+    /// Runs a user script: `.sql` files through psql (one transaction, stopping at the
+    /// first error), anything else as an executable, as the postgres user, with PGHOST,
+    /// PGPORT, PGUSER and PGDATABASE pointing at the instance.
+    pub fn run_script(&self, run_dir: &Path, port: u16, script: &Path) -> HostResult<String> {
+        let port_s = port.to_string();
+        let host_s = run_dir.display().to_string();
+        let bin_path = format!(
+            "{}:{}",
+            self.bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let env = [
+            ("PGHOST", host_s.as_str()),
+            ("PGPORT", port_s.as_str()),
+            ("PGUSER", SUPERUSER),
+            ("PGDATABASE", "postgres"),
+            ("PATH", bin_path.as_str()),
+        ];
+        let is_sql = script
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("sql"));
+        if is_sql {
+            self.run_as(
+                "psql",
+                &[
+                    OsStr::new("-X"),
+                    OsStr::new("-q"),
+                    OsStr::new("-v"),
+                    OsStr::new("ON_ERROR_STOP=1"),
+                    OsStr::new("--single-transaction"),
+                    OsStr::new("-f"),
+                    script.as_os_str(),
+                ],
+                host::LONG,
+                &env,
+            )
+        } else {
+            let a = [
+                OsStr::new("-u"),
+                OsStr::new(OS_USER),
+                OsStr::new("--"),
+                script.as_os_str(),
+            ];
+            host::run("runuser", &a, host::LONG, &env)
+        }
+    }
+}
+
+/// The pid of the server running on `pgdata`, if any (from postmaster.pid).
+pub fn running_pid(pgdata: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pgdata.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
+    host::alive(pid).then_some(pid)
+}
+
+/// Installs blockd's pg_hba.conf and removes settings a restored backup may carry that
+/// would stop it from starting here.
+pub fn prepare_data_dir(pgdata: &Path) -> HostResult<()> {
+    write_owned(&pgdata.join("pg_hba.conf"), HBA.as_bytes(), 0o600)?;
+    // Debian keeps a cluster's configuration in /etc, so a pg_basebackup of it has none:
+    // start from the built-in defaults.
+    for f in ["postgresql.conf", "pg_ident.conf"] {
+        let p = pgdata.join(f);
+        if !p.exists() {
+            write_owned(&p, b"# Written by blockd: the backup had none.\n", 0o600)?;
+        }
+    }
+    // A data directory from pg_basebackup may carry a standby signal; a database image is
+    // a primary of its own.
+    for f in ["standby.signal", "recovery.signal"] {
+        let p = pgdata.join(f);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| {
+                err(
+                    "preparing the data directory",
+                    format!("{}: {e}", p.display()),
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// A random password (32 hex digits from /dev/urandom).
+pub fn random_secret(bytes: usize) -> HostResult<String> {
+    use std::io::Read;
+    let mut b = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| err("reading /dev/urandom", e.to_string()))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
