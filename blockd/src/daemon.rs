@@ -11,6 +11,8 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::control::api::{self, AppState};
+use crate::control::host::NbdEndpoint;
+use crate::control::plane::{ControlPlane, PlaneConfig};
 use crate::exports::Exports;
 use crate::fsutil::{self, LockFile};
 use crate::nbd::Limits;
@@ -33,6 +35,12 @@ pub struct ServeConfig {
     pub ready_file: Option<PathBuf>,
     /// Time between background compaction passes (zero disables them).
     pub compact_interval: Duration,
+    /// Ports for database clones (inclusive).
+    pub clone_ports: (u16, u16),
+    /// Address database clones listen on.
+    pub clone_listen: String,
+    /// Time between checks for expired clones and images.
+    pub expiry_interval: Duration,
 }
 
 fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
@@ -107,8 +115,23 @@ async fn serve(
         format!("cannot listen for the REST API on {api_addr}; is the port taken? pick another with --api")
     })?;
     let api_addr = api_listener.local_addr()?;
+    let plane = ControlPlane::open(
+        exports.store().clone(),
+        PlaneConfig {
+            data_dir: cfg.data_dir.clone(),
+            nbd: NbdEndpoint {
+                socket: cfg.socket.clone(),
+                tcp: nbd_addr.map(|a| a.to_string()),
+            },
+            ports: cfg.clone_ports,
+            listen_address: cfg.clone_listen.clone(),
+            expiry_interval: cfg.expiry_interval,
+        },
+    )
+    .map_err(|e| anyhow!("opening the control plane: {e}"))?;
     let app = api::router(Arc::new(AppState {
         store: exports.store().clone(),
+        plane: plane.clone(),
         nbd_tcp: nbd_addr.map(|a| a.to_string()),
         nbd_socket: cfg.socket.as_ref().map(|p| p.display().to_string()),
     }));
@@ -136,7 +159,15 @@ async fn serve(
             .with_context(|| format!("writing --ready-file {}", ready.display()))?;
     }
 
+    // Bring back the clones a previous run left (the NBD server is already listening).
+    plane.start_background();
+
     wait_for_signal().await?;
+    tracing::info!("shutting down: stopping database clones");
+    {
+        let p = plane.clone();
+        tokio::task::spawn_blocking(move || p.shutdown()).await?;
+    }
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
     for t in tasks {

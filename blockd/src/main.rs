@@ -49,6 +49,15 @@ enum Command {
     /// Create, list and delete snapshots (VOLUME@SNAP).
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Database images: build (from empty or a pg_basebackup), list, show, delete.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Database clones: writable copies of an image attached to running PostgreSQL.
+    #[command(subcommand)]
+    Clone(CloneCmd),
+    /// API tokens (admin and user roles).
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Space used by the whole store: logical, referenced, stored, physical.
     Df,
     /// Run one compaction pass now (the daemon also runs them in the background).
@@ -84,10 +93,37 @@ struct ServeArgs {
     /// Time between background compaction passes (e.g. 30s; 0 disables them).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     compact_interval: Duration,
+    /// Ports for database clones, FIRST-LAST.
+    #[arg(long, default_value = "15432-15999", value_parser = parse_port_range)]
+    clone_ports: (u16, u16),
+    /// Address database clones listen on (127.0.0.1 keeps them on this host).
+    #[arg(long, default_value = "127.0.0.1")]
+    clone_listen: String,
+    /// Time between checks for expired clones and images (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    expiry_interval: Duration,
     /// Write a JSON file with the pid and the actual addresses once listening (useful with
     /// port 0).
     #[arg(long)]
     ready_file: Option<PathBuf>,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not a range like 15432-15999"))?;
+    let a: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{a:?} is not a port"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{b:?} is not a port"))?;
+    if a < 1024 || b < a {
+        return Err(format!("{s:?}: give FIRST-LAST with 1024 <= FIRST <= LAST"));
+    }
+    Ok((a, b))
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +175,77 @@ enum SnapshotCmd {
         /// Hide it now and free its space when the last clone of it is deleted.
         #[arg(long)]
         defer: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Build an image from a definition file (YAML); waits and shows progress.
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Delete an image (refused while clones use it).
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CloneCmd {
+    /// Create a writable clone of IMAGE attached to a running PostgreSQL; prints how to connect.
+    Create {
+        image: String,
+        name: String,
+        /// Port for the database (default: a free one from --clone-ports of the daemon).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Delete it automatically after this long (e.g. 30m, 8h; 0 = never).
+        #[arg(long)]
+        lifetime: Option<String>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Stop the database and detach the volume (the clone keeps its data).
+    Stop {
+        name: String,
+    },
+    /// Attach and start a stopped clone.
+    Start {
+        name: String,
+    },
+    /// Throw away every change: back to its image, same port.
+    Reset {
+        name: String,
+    },
+    /// Save the clone's current contents as a new image (branch from a branch).
+    Save {
+        name: String,
+        image: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Create a token (printed once). Once any token exists the API requires one.
+    Create {
+        name: String,
+        /// admin (everything) or user (own clones, read images).
+        #[arg(long, default_value = "user")]
+        role: String,
+    },
+    List,
+    Delete {
+        name: String,
     },
 }
 
@@ -205,6 +312,9 @@ fn serve(args: ServeArgs, api: String) -> Result<()> {
         limits,
         ready_file: args.ready_file,
         compact_interval: args.compact_interval,
+        clone_ports: args.clone_ports,
+        clone_listen: args.clone_listen,
+        expiry_interval: args.expiry_interval,
     })
 }
 
@@ -224,6 +334,32 @@ fn client_command(c: &Client, out: Output, cmd: Command) -> Result<()> {
             SnapshotCmd::Create { name } => cli::snapshot_create(c, out, &name),
             SnapshotCmd::List { volume } => cli::snapshot_list(c, out, volume.as_deref()),
             SnapshotCmd::Delete { name, defer } => cli::snapshot_delete(c, out, &name, defer),
+        },
+        Command::Image(i) => match i {
+            ImageCmd::Create { file } => cli::db::image_create(c, out, &file),
+            ImageCmd::List => cli::db::image_list(c, out),
+            ImageCmd::Show { name } => cli::db::image_show(c, out, &name),
+            ImageCmd::Delete { name } => cli::db::image_delete(c, out, &name),
+        },
+        Command::Clone(k) => match k {
+            CloneCmd::Create {
+                image,
+                name,
+                port,
+                lifetime,
+            } => cli::db::clone_create(c, out, &image, &name, port, lifetime.as_deref()),
+            CloneCmd::List => cli::db::clone_list(c, out),
+            CloneCmd::Show { name } => cli::db::clone_show(c, out, &name),
+            CloneCmd::Stop { name } => cli::db::clone_action(c, out, &name, "stop"),
+            CloneCmd::Start { name } => cli::db::clone_action(c, out, &name, "start"),
+            CloneCmd::Reset { name } => cli::db::clone_action(c, out, &name, "reset"),
+            CloneCmd::Save { name, image } => cli::db::clone_save(c, out, &name, &image),
+            CloneCmd::Delete { name } => cli::db::clone_delete(c, out, &name),
+        },
+        Command::Token(t) => match t {
+            TokenCmd::Create { name, role } => cli::db::token_create(c, out, &name, &role),
+            TokenCmd::List => cli::db::token_list(c, out),
+            TokenCmd::Delete { name } => cli::db::token_delete(c, out, &name),
         },
         Command::Df => cli::df(c, out),
         Command::Compact => cli::compact(c, out),

@@ -1,6 +1,7 @@
 //! The client subcommands: each is a call to the daemon's REST API plus formatting.
 
 pub mod client;
+pub mod db;
 pub mod nbd_client;
 pub mod table;
 pub mod transfer;

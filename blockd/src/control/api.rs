@@ -25,14 +25,17 @@ use crate::store::{ErrorKind, StoreError};
 
 pub struct AppState {
     pub store: Arc<Store>,
+    pub plane: Arc<super::plane::ControlPlane>,
     /// Where NBD clients connect (for `volume import/export` and users).
     pub nbd_tcp: Option<String>,
     pub nbd_socket: Option<String>,
 }
 
+/// The whole API: storage routes (admin only once tokens exist), database routes, and the
+/// token check in front of everything but health and metrics.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
+    let plane = state.plane.clone();
+    let storage = Router::new()
         .route("/v1/info", get(info))
         .route("/v1/df", get(df))
         .route("/v1/compact", post(compact))
@@ -44,8 +47,30 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/snapshots/{name}",
             get(show_snapshot).delete(delete_snapshot),
         )
+        .route_layer(axum::middleware::from_fn(admin_only))
+        .with_state(state);
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(storage)
+        .merge(super::db_api::routes(plane.clone()))
         .fallback(not_found)
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            plane,
+            super::auth::middleware,
+        ))
+}
+
+/// Storage-level routes manage every volume: admins only.
+async fn admin_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match req.extensions().get::<super::plane::Caller>() {
+        Some(c) if c.role == super::model::Role::Admin => next.run(req).await,
+        _ => ApiError {
+            status: StatusCode::FORBIDDEN,
+            kind: "forbidden",
+            message: "volumes and snapshots need an admin token; user tokens manage their own clones (blockd clone ...)".into(),
+        }
+        .into_response(),
+    }
 }
 
 /// An API error: status plus stable kind plus message.
@@ -240,6 +265,12 @@ async fn create_volume(
         r#"{"name": "db", "size": "10G"} or {"name": "dev1", "from": "db@monday"}"#,
     )?;
     let name = Name::parse("volume", &req.name)?;
+    if req.name.starts_with("img.") || req.name.starts_with("cln.") {
+        return Err(ApiError::bad_request(format!(
+            "volume names starting with img. or cln. are reserved for database images and clones; pick another name than {}",
+            req.name
+        )));
+    }
     let created = match (req.size, req.from) {
         (Some(size), None) => {
             let size = size.bytes()?;

@@ -3,6 +3,9 @@
 //! sits on the I/O path.
 
 pub mod api;
+pub mod auth;
+pub mod db_api;
 pub mod host;
 pub mod model;
+pub mod plane;
 pub mod postgres;
