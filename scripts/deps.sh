@@ -10,12 +10,15 @@ NEEDED=(
   nbd-client:nbd-client nbdkit:nbdkit nbd-server:nbd-server fio:fio
   qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils
   mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fusermount3:fuse3 losetup:mount
-  python3:python3 curl:curl c++:g++
+  python3:python3 curl:curl c++:g++ mkfs.xfs:xfsprogs runuser:util-linux
+  psql:postgresql-client-15 pgbench:postgresql-client-15
 )
 # Python module needed by the negative tests (Debian's python3, not a pyenv one).
 PY_MODULES=(nbd:python3-libnbd)
 
 missing=()
+# The PostgreSQL server the database images and clones run on.
+[ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
 for pair in "${NEEDED[@]}"; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
 done
