@@ -267,6 +267,33 @@ pub fn alive(pid: u32) -> bool {
     pid != 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
 }
 
+/// Whether a process is running: alive and not a zombie waiting to be reaped.
+pub fn running(pid: u32) -> bool {
+    if !alive(pid) {
+        return false;
+    }
+    // /proc/PID/stat: "PID (COMM) STATE ..."; COMM may contain spaces and parentheses.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st != "Z"))
+        })
+        .unwrap_or(true)
+}
+
+/// Waits up to `limit` for a process to exit; true if it did.
+pub fn wait_exit(pid: u32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while running(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
 fn unmount_fuse(file: &Path, pid: u32) -> HostResult<()> {
     let r = run(
         "fusermount3",
@@ -311,6 +338,28 @@ pub fn detach(a: &Attachment) -> HostResult<()> {
             first.map_or(Ok(()), Err)
         }
     }
+}
+
+/// Loop devices backed by `file` (for cleaning up after a crash, when nothing recorded
+/// which device a build attached).
+pub fn loop_devices_backed_by(file: &Path) -> Vec<String> {
+    let want = file.display().to_string();
+    run_s(
+        "losetup",
+        &["--list", "--noheadings", "--raw", "-O", "NAME,BACK-FILE"],
+        QUICK,
+    )
+    .map(|out| {
+        out.lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, f)| {
+                let f = f.trim();
+                f == want || f.strip_suffix(" (deleted)") == Some(want.as_str())
+            })
+            .map(|(d, _)| d.to_string())
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// Whether `loop_device` is currently backed by `file`.

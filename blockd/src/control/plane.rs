@@ -180,6 +180,9 @@ pub struct ControlPlane {
     state: Mutex<ControlState>,
     /// Names with an operation in progress.
     busy: Mutex<HashSet<String>>,
+    /// Clones [`ControlPlane::reconcile`] has not dealt with yet since the start: whatever
+    /// their records say is attached (and running) is left from the previous run.
+    recovering: Mutex<HashSet<String>>,
     jobs: Mutex<BTreeMap<u64, Job>>,
     next_job: AtomicU64,
     stopping: AtomicBool,
@@ -206,6 +209,9 @@ pub fn clone_volume(clone: &str) -> String {
 }
 
 const IMAGE_SNAPSHOT: &str = "image";
+
+/// The longest Unix socket path PostgreSQL can listen on (sun_path without its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 impl ControlPlane {
     pub fn open(store: Arc<Store>, cfg: PlaneConfig) -> CResult<Arc<ControlPlane>> {
@@ -244,12 +250,17 @@ impl ControlPlane {
                 ));
             }
         };
+        // Every clone is busy until reconcile has brought it back (or cleaned it up): the
+        // API serves before that, and must neither report a previous run's server as
+        // running nor operate on it.
+        let names: Vec<String> = state.clones.keys().cloned().collect();
         Ok(Arc::new(ControlPlane {
             store,
             cfg,
             paths,
             state: Mutex::new(state),
-            busy: Mutex::new(HashSet::new()),
+            busy: Mutex::new(names.iter().map(|n| format!("clone:{n}")).collect()),
+            recovering: Mutex::new(names.into_iter().collect()),
             jobs: Mutex::new(BTreeMap::new()),
             next_job: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
@@ -302,6 +313,29 @@ impl ControlPlane {
 
     fn work_dir(&self, name: &str) -> PathBuf {
         self.paths.attach.join(name)
+    }
+
+    /// Refuses a name whose PostgreSQL socket path (in the run directory of `volume`) would
+    /// be longer than Unix allows: the server could not start.
+    fn check_socket_path(&self, what: &str, name: &str, volume: &str) -> CResult<()> {
+        // The longest socket name: a five-digit port.
+        let path = self.run_dir(volume).join(".s.PGSQL.65535");
+        let len = path.as_os_str().len();
+        if len <= MAX_SOCKET_PATH {
+            return Ok(());
+        }
+        let fix = match name.len().checked_sub(len - MAX_SOCKET_PATH) {
+            Some(max) if max > 0 => format!("use a name of at most {max} characters"),
+            _ => "start blockd with a shorter --data-dir".to_string(),
+        };
+        Err(cerr(
+            Kind::Invalid,
+            format!(
+                "{what} name {name:?} is too long for this data directory: PostgreSQL's socket \
+                 {} would be {len} bytes, more than the {MAX_SOCKET_PATH} Unix allows; {fix}",
+                path.display()
+            ),
+        ))
     }
 
     // ------------------------------------------------------------ tokens
@@ -439,6 +473,9 @@ impl ControlPlane {
         caller.require_admin("creating images")?;
         let (size, lifetime, fs) = validate_request(&req).map_err(|e| cerr(Kind::Invalid, e))?;
         Pg::find(req.version).map_err(|e| cerr(Kind::Invalid, e.to_string()))?;
+        for d in [&self.paths.mnt, &self.paths.run, &self.paths.scripts] {
+            postgres::check_reachable(d).map_err(|e| cerr(Kind::Invalid, e.to_string()))?;
+        }
         if let Some(b) = &req.backup
             && !Path::new(b).exists()
         {
@@ -450,6 +487,7 @@ impl ControlPlane {
             ));
         }
         let volume = image_volume(&req.name);
+        self.check_socket_path("image", &req.name, &volume)?;
         {
             let st = self.state.lock();
             if st.images.contains_key(&req.name) {
@@ -503,8 +541,9 @@ impl ControlPlane {
                             j.step = "done".into();
                         }
                         Err(e) => {
+                            // The message names the step that failed (not the clean-up).
                             j.state = "failed";
-                            j.error = Some(format!("step {:?} failed: {}", j.step, e.message));
+                            j.error = Some(e.message);
                         }
                     }
                 }
@@ -559,9 +598,21 @@ impl ControlPlane {
         })?;
         let result = self.build_steps(job, req, &pg, &volume, size, fs);
         if let Err(e) = result {
+            let failed = self
+                .jobs
+                .lock()
+                .get(&job)
+                .map(|j| j.step.clone())
+                .unwrap_or_default();
             self.step(job, "cleaning up after the failure");
             self.discard_build(&req.name, &pg);
-            return Err(e);
+            if let Some(j) = self.jobs.lock().get_mut(&job) {
+                j.step = failed.clone();
+            }
+            return Err(cerr(
+                e.kind,
+                format!("step {failed:?} failed: {}", e.message),
+            ));
         }
         self.update(|st| {
             if let Some(i) = st.images.get_mut(&req.name) {
@@ -722,12 +773,17 @@ impl ControlPlane {
     // ------------------------------------------------------------ clones
 
     fn clone_view(&self, c: &CloneRec) -> CloneView {
-        let up = c.attachment.is_some()
-            && postgres::running_pid(&self.mountpoint(&c.volume).join(PGDATA_DIR)).is_some();
-        let state = match (c.desired, up) {
+        let pgdata = self.mountpoint(&c.volume).join(PGDATA_DIR);
+        // Running means accepting connections: a server still starting up (or recovering
+        // after a crash) is "starting".
+        let recovering = self.recovering.lock().contains(&c.name);
+        let ready = !recovering && c.attachment.is_some() && postgres::is_ready(&pgdata);
+        let state = match (c.desired, ready) {
             (Desired::Running, true) => "running",
+            (Desired::Running, false) if recovering => "starting",
             (Desired::Running, false)
-                if self.busy.lock().contains(&format!("clone:{}", c.name)) =>
+                if (c.attachment.is_some() && postgres::running_pid(&pgdata).is_some())
+                    || self.busy.lock().contains(&format!("clone:{}", c.name)) =>
             {
                 "starting"
             }
@@ -857,8 +913,9 @@ impl ControlPlane {
             Some(l) => parse_lifetime(l).map_err(|e| cerr(Kind::Invalid, e))?,
             None => None,
         };
-        let _busy = self.claim(format!("clone:{name}"), &format!("clone {name}"))?;
         let volume = clone_volume(name);
+        self.check_socket_path("clone", name, &volume)?;
+        let _busy = self.claim(format!("clone:{name}"), &format!("clone {name}"))?;
         let rec = self.update(|st| {
             let img = st.images.get(image).ok_or_else(|| image_not_found(image))?;
             if img.state != ImageState::Ready {
@@ -943,6 +1000,7 @@ impl ControlPlane {
         let run_dir = self.run_dir(&rec.volume);
         postgres::own_dir(&run_dir, 0o700)?;
         let pgdata = mnt.join(PGDATA_DIR);
+        postgres::remove_stale_pid_file(&pgdata)?;
         pg.start(&pgdata, &run_dir, rec.port, &self.cfg.listen_address)?;
         if first {
             let sql = format!(
@@ -1000,8 +1058,17 @@ impl ControlPlane {
     }
 
     pub fn start_clone(&self, caller: &Caller, name: &str) -> CResult<CloneView> {
-        let rec = self.clone_rec(caller, name)?;
+        self.clone_rec(caller, name)?;
         let _busy = self.claim(format!("clone:{name}"), &format!("clone {name}"))?;
+        // Read again now that nothing else can change it.
+        let mut rec = self.clone_rec(caller, name)?;
+        let pgdata = self.mountpoint(&rec.volume).join(PGDATA_DIR);
+        if rec.attachment.is_some() && postgres::postmaster_of(&pgdata).is_none() {
+            // Attached, but its server is gone (it crashed or was killed): start afresh.
+            tracing::warn!(clone = %name, "restarting a clone whose database is down");
+            self.tear_down(name)?;
+            rec.attachment = None;
+        }
         if rec.attachment.is_none() {
             if !host::port_free(&self.bind_addr(), rec.port) {
                 return Err(cerr(
@@ -1165,17 +1232,25 @@ impl ControlPlane {
             if self.stopping.load(Ordering::Relaxed) {
                 return;
             }
-            let Ok(_busy) = self.claim(format!("clone:{}", c.name), "clone") else {
-                continue;
+            // Claimed in `open`; released when this clone is done.
+            let _busy = BusyGuard {
+                set: &self.busy,
+                key: format!("clone:{}", c.name),
             };
             let mnt = self.mountpoint(&c.volume);
             if c.attachment.is_some() || host::is_mounted(&mnt) {
                 tracing::warn!(clone = %c.name, "cleaning up a stale attachment");
-                if let Some(pid) = postgres::running_pid(&mnt.join(PGDATA_DIR)) {
-                    // Its storage died with the previous daemon: stop it hard.
-                    // SAFETY: kill(2) on the postmaster recorded in the clone's data directory.
+                if let Some(pid) = postgres::postmaster_of(&mnt.join(PGDATA_DIR)) {
+                    // Its storage died with the previous daemon: stop it hard, and wait
+                    // until it is gone before its file system is unmounted and the volume
+                    // attached again.
+                    // SAFETY: kill(2) on the postmaster serving the clone's data directory.
                     unsafe { libc::kill(pid as libc::pid_t, libc::SIGQUIT) };
-                    std::thread::sleep(Duration::from_millis(200));
+                    if !host::wait_exit(pid, Duration::from_secs(10)) {
+                        // SAFETY: as above.
+                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                        host::wait_exit(pid, Duration::from_secs(10));
+                    }
                 }
                 let _ = host::unmount(&mnt);
                 if let Some(a) = &c.attachment {
@@ -1190,6 +1265,7 @@ impl ControlPlane {
                     Ok(())
                 });
             }
+            self.recovering.lock().remove(&c.name);
             if c.desired == Desired::Running {
                 let rec = self.state.lock().clones.get(&c.name).cloned();
                 if let Some(rec) = rec {
@@ -1306,15 +1382,19 @@ fn internal_name(s: &str) -> CResult<Name> {
     Name::internal(s).map_err(|e| cerr(Kind::Invalid, e.to_string()))
 }
 
-/// Unmounts a leftover nbdfuse file in `dir`, if any.
+/// Releases a leftover nbdfuse file in `dir`, if any: the loop devices over it first (while
+/// one holds it, it cannot be unmounted), then the FUSE mount (its nbdfuse then exits).
 fn cleanup_fuse_dir(dir: &Path) {
     let file = dir.join("disk");
+    for dev in host::loop_devices_backed_by(&file) {
+        tracing::warn!(device = %dev, file = %file.display(), "detaching a leftover loop device");
+        let _ = host::run_s("losetup", &["-d", &dev], host::QUICK);
+    }
     if host::is_mounted(&file) {
-        let _ = host::run_s(
-            "fusermount3",
-            &["-u", &file.display().to_string()],
-            host::QUICK,
-        );
+        let f = file.display().to_string();
+        if host::run_s("fusermount3", &["-u", &f], host::QUICK).is_err() {
+            let _ = host::run_s("umount", &["-l", &f], host::QUICK);
+        }
     }
 }
 

@@ -79,6 +79,50 @@ pub fn chown(path: &Path) -> HostResult<()> {
         .map_err(|e| err("chown", format!("{}: {e}", path.display())))
 }
 
+/// Checks that the postgres user can reach `dir` (every directory on the way must be
+/// searchable by it); the error names the first directory that is not.
+pub fn check_reachable(dir: &Path) -> HostResult<()> {
+    let searchable = |p: &Path| {
+        host::run(
+            "runuser",
+            &[
+                OsStr::new("-u"),
+                OsStr::new(OS_USER),
+                OsStr::new("--"),
+                OsStr::new("test"),
+                OsStr::new("-x"),
+                p.as_os_str(),
+            ],
+            host::QUICK,
+            &[],
+        )
+        .is_ok()
+    };
+    if searchable(dir) {
+        return Ok(());
+    }
+    let mut culprit = dir.to_path_buf();
+    for a in dir.ancestors().collect::<Vec<_>>().into_iter().rev() {
+        if !searchable(a) {
+            culprit = a.to_path_buf();
+            break;
+        }
+    }
+    let mode = std::fs::metadata(&culprit)
+        .map(|m| format!("mode {:04o}", m.permissions().mode() & 0o7777))
+        .unwrap_or_else(|e| e.to_string());
+    Err(err(
+        format!("the {OS_USER} user reaching {}", dir.display()),
+        format!(
+            "{} ({mode}) is not searchable by the {OS_USER} user, which runs the databases; \
+             make it searchable (e.g. chmod o+x {}) or give blockd a --data-dir whose parent \
+             directories are",
+            culprit.display(),
+            culprit.display()
+        ),
+    ))
+}
+
 /// Writes a file owned by postgres.
 pub fn write_owned(path: &Path, content: &[u8], mode: u32) -> HostResult<()> {
     std::fs::write(path, content)
@@ -303,6 +347,52 @@ pub fn running_pid(pgdata: &Path) -> Option<u32> {
         .parse()
         .ok()?;
     host::alive(pid).then_some(pid)
+}
+
+/// The postmaster serving `pgdata`, if one runs: the pid in postmaster.pid, checked
+/// against that process's command line (after a crash the pid may belong to another
+/// program by now).
+pub fn postmaster_of(pgdata: &Path) -> Option<u32> {
+    use std::os::unix::ffi::OsStrExt;
+    let pid = running_pid(pgdata)?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let needle = pgdata.as_os_str().as_bytes();
+    cmdline
+        .windows(needle.len())
+        .any(|w| w == needle)
+        .then_some(pid)
+}
+
+/// Removes the postmaster.pid a crash left in a data directory that was just mounted (no
+/// server can be using it): PostgreSQL refuses to start while its pid is taken, which after
+/// a crash may be by any process.
+pub fn remove_stale_pid_file(pgdata: &Path) -> HostResult<()> {
+    let p = pgdata.join("postmaster.pid");
+    match std::fs::remove_file(&p) {
+        Ok(()) => {
+            tracing::info!(file = %p.display(), "removed a stale postmaster.pid");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(
+            "removing a stale postmaster.pid",
+            format!("{}: {e}", p.display()),
+        )),
+    }
+}
+
+/// Whether the server on `pgdata` runs and accepts connections: postmaster.pid's status
+/// line says `ready` (it says `starting` during start-up and crash recovery).
+pub fn is_ready(pgdata: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(pgdata.join("postmaster.pid")) else {
+        return false;
+    };
+    let mut lines = text.lines();
+    let alive = lines
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+        .is_some_and(host::alive);
+    alive && lines.nth(6).map(str::trim) == Some("ready")
 }
 
 /// Installs blockd's pg_hba.conf and removes settings a restored backup may carry that
