@@ -52,7 +52,11 @@ enum Command {
     /// Database images: build (from empty or a pg_basebackup), list, show, delete.
     #[command(subcommand)]
     Image(ImageCmd),
-    /// Database clones: writable copies of an image attached to running PostgreSQL.
+    /// Sources: standbys kept in sync with a production primary, refreshed into revisions.
+    #[command(subcommand)]
+    Source(SourceCmd),
+    /// Database clones: writable copies of an image or source revision attached to running
+    /// PostgreSQL.
     #[command(subcommand)]
     Clone(CloneCmd),
     /// API tokens (admin and user roles).
@@ -196,9 +200,36 @@ enum ImageCmd {
 }
 
 #[derive(Debug, Subcommand)]
-enum CloneCmd {
-    /// Create a writable clone of IMAGE attached to a running PostgreSQL; prints how to connect.
+enum SourceCmd {
+    /// Create a source from a definition file (YAML): copies the primary with
+    /// pg_basebackup, starts the standby and makes the first revision; waits and shows progress.
     Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    List,
+    /// Replication state (replay LSN and time, lag) and the revisions.
+    Show {
+        name: String,
+    },
+    /// Make a revision now: SOURCE@N, clonable with `clone create SOURCE@N NAME`.
+    Refresh {
+        name: String,
+    },
+    /// Stop the standby and delete the source with its revisions (refused while clones use
+    /// one).
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CloneCmd {
+    /// Create a writable clone attached to a running PostgreSQL; prints how to connect.
+    /// FROM is an image, or a source revision: SOURCE (the newest), SOURCE@N, or
+    /// SOURCE@2026-11-22T10:00 (the newest at or before that time, UTC).
+    Create {
+        #[arg(value_name = "FROM")]
         image: String,
         name: String,
         /// Port for the database (default: a free one from --clone-ports of the daemon).
@@ -220,7 +251,7 @@ enum CloneCmd {
     Start {
         name: String,
     },
-    /// Throw away every change: back to its image, same port.
+    /// Throw away every change: back to its image or revision, same port and password.
     Reset {
         name: String,
     },
@@ -340,6 +371,13 @@ fn client_command(c: &Client, out: Output, cmd: Command) -> Result<()> {
             ImageCmd::List => cli::db::image_list(c, out),
             ImageCmd::Show { name } => cli::db::image_show(c, out, &name),
             ImageCmd::Delete { name } => cli::db::image_delete(c, out, &name),
+        },
+        Command::Source(s) => match s {
+            SourceCmd::Create { file } => cli::source::create(c, out, &file),
+            SourceCmd::List => cli::source::list(c, out),
+            SourceCmd::Show { name } => cli::source::show(c, out, &name),
+            SourceCmd::Refresh { name } => cli::source::refresh(c, out, &name),
+            SourceCmd::Delete { name } => cli::source::delete(c, out, &name),
         },
         Command::Clone(k) => match k {
             CloneCmd::Create {

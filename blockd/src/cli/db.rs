@@ -13,15 +13,15 @@ use super::{Output, print_json};
 use crate::control::model::{ImageDefinition, ImageRequest, ScriptBody};
 use crate::size::format_size;
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+pub(super) fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
-fn n(v: &Value, k: &str) -> u64 {
+pub(super) fn n(v: &Value, k: &str) -> u64 {
     v.get(k).and_then(Value::as_u64).unwrap_or(0)
 }
 
-fn when(unix: u64) -> String {
+pub(super) fn when(unix: u64) -> String {
     if unix == 0 {
         return "-".into();
     }
@@ -33,6 +33,28 @@ fn left(v: &Value) -> String {
         None => "forever".into(),
         Some(secs) => humantime::format_duration(Duration::from_secs(secs)).to_string(),
     }
+}
+
+/// Reads a script a definition file names (relative to that file) to send it inline.
+pub(super) fn inline_script(def_file: &Path, script: Option<&str>) -> Result<Option<ScriptBody>> {
+    let Some(p) = script else { return Ok(None) };
+    let dir = def_file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let path = dir.join(p);
+    let content = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read the script {} named in {}",
+            path.display(),
+            def_file.display()
+        )
+    })?;
+    let name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "script".into());
+    Ok(Some(ScriptBody { name, content }))
 }
 
 /// Reads an image definition file and inlines its scripts; paths are relative to it.
@@ -50,22 +72,7 @@ pub fn read_definition(file: &Path) -> Result<ImageRequest> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let script = |p: &Option<String>| -> Result<Option<ScriptBody>> {
-        let Some(p) = p else { return Ok(None) };
-        let path = dir.join(p);
-        let content = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read the script {} named in {}",
-                path.display(),
-                file.display()
-            )
-        })?;
-        let name = path
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "script".into());
-        Ok(Some(ScriptBody { name, content }))
-    };
+    let script = |p: &Option<String>| inline_script(file, p.as_deref());
     let backup = def.backup.as_ref().map(|b| {
         let p = dir.join(b);
         std::fs::canonicalize(&p).unwrap_or(p).display().to_string()
@@ -85,10 +92,9 @@ pub fn read_definition(file: &Path) -> Result<ImageRequest> {
     })
 }
 
-pub fn image_create(c: &Client, out: Output, file: &Path) -> Result<()> {
-    let req = read_definition(file)?;
-    let started = c.post("/v1/images", &serde_json::to_value(&req)?)?;
-    let job = n(&started, "job");
+/// Follows a job (`GET /v1/jobs/ID`) until it ends: its steps on a spinner on a terminal,
+/// as plain lines otherwise. Returns the finished job, or its error.
+pub(super) fn wait_job(c: &Client, out: Output, job: u64, what: &str) -> Result<Value> {
     let pb = ProgressBar::new_spinner();
     pb.set_style(
         ProgressStyle::with_template("{spinner} {elapsed} {msg}")
@@ -104,28 +110,33 @@ pub fn image_create(c: &Client, out: Output, file: &Path) -> Result<()> {
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
-        for step in &steps[shown..] {
+        for step in &steps[shown.min(steps.len())..] {
             if tty {
                 pb.set_message(step.to_string());
             } else if out == Output::Table {
-                eprintln!("building image {}: {step}", req.name);
+                eprintln!("{what}: {step}");
             }
         }
         shown = steps.len();
         match s(&j, "state") {
             "running" => std::thread::sleep(Duration::from_millis(200)),
             "done" => break Ok(j),
-            _ => {
-                break Err(anyhow!(
-                    "building image {} failed: {}",
-                    req.name,
-                    s(&j, "error")
-                ));
-            }
+            _ => break Err(anyhow!("{what} failed: {}", s(&j, "error"))),
         }
     };
     pb.finish_and_clear();
-    let j = result?;
+    result
+}
+
+pub fn image_create(c: &Client, out: Output, file: &Path) -> Result<()> {
+    let req = read_definition(file)?;
+    let started = c.post("/v1/images", &serde_json::to_value(&req)?)?;
+    let j = wait_job(
+        c,
+        out,
+        n(&started, "job"),
+        &format!("building image {}", req.name),
+    )?;
     let img = c.get(&format!("/v1/images/{}", path_segment(&req.name)))?;
     match out {
         Output::Json => print_json(&img),
@@ -212,7 +223,7 @@ pub fn image_delete(c: &Client, out: Output, name: &str) -> Result<()> {
 fn clone_table(items: &[Value]) -> Table {
     let mut t = Table::new(&[
         "NAME",
-        "IMAGE",
+        "FROM",
         "STATE",
         "PORT",
         "UNIQUE",

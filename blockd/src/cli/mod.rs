@@ -3,6 +3,7 @@
 pub mod client;
 pub mod db;
 pub mod nbd_client;
+pub mod source;
 pub mod table;
 pub mod transfer;
 

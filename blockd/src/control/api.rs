@@ -33,6 +33,9 @@ pub struct AppState {
 
 /// The whole API: storage routes (admin only once tokens exist), database routes, and the
 /// token check in front of everything but health and metrics.
+/// Volume name prefixes the control plane uses for its own volumes.
+const RESERVED_PREFIXES: [&str; 4] = ["img.", "cln.", "src.", "rev."];
+
 pub fn router(state: Arc<AppState>) -> Router {
     let plane = state.plane.clone();
     let storage = Router::new()
@@ -265,9 +268,11 @@ async fn create_volume(
         r#"{"name": "db", "size": "10G"} or {"name": "dev1", "from": "db@monday"}"#,
     )?;
     let name = Name::parse("volume", &req.name)?;
-    if req.name.starts_with("img.") || req.name.starts_with("cln.") {
+    if RESERVED_PREFIXES.iter().any(|p| req.name.starts_with(p)) {
         return Err(ApiError::bad_request(format!(
-            "volume names starting with img. or cln. are reserved for database images and clones; pick another name than {}",
+            "volume names starting with {} are reserved for database images, clones, sources \
+             and revisions; pick another name than {}",
+            RESERVED_PREFIXES.join(", "),
             req.name
         )));
     }

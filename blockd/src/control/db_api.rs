@@ -1,4 +1,4 @@
-//! REST routes of the database control plane: images, build jobs, clones, tokens.
+//! REST routes of the database control plane: images, sources, jobs, clones, tokens.
 
 use std::sync::Arc;
 
@@ -10,8 +10,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::api::ApiError;
-use super::model::{ImageRequest, Role};
+use super::model::{ImageRequest, Role, SourceRequest};
 use super::plane::{Caller, CloneView, ControlError, ControlPlane, ImageView, Job, Kind};
+use super::sources::{RevisionView, SourceView};
 
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> ApiError {
@@ -40,6 +41,9 @@ pub fn routes(plane: Arc<ControlPlane>) -> Router {
         .route("/v1/images", get(list_images).post(create_image))
         .route("/v1/images/{name}", get(show_image).delete(delete_image))
         .route("/v1/jobs/{id}", get(show_job))
+        .route("/v1/sources", get(list_sources).post(create_source))
+        .route("/v1/sources/{name}", get(show_source).delete(delete_source))
+        .route("/v1/sources/{name}/refresh", post(refresh_source))
         .route("/v1/clones", get(list_clones).post(create_clone))
         .route("/v1/clones/{name}", get(show_clone).delete(delete_clone))
         .route("/v1/clones/{name}/stop", post(stop_clone))
@@ -118,11 +122,60 @@ async fn show_job(State(p): P, Path(id): Path<u64>) -> ApiResult<Json<Job>> {
     blocking(move || p.job(id)).await.map(Json)
 }
 
+// ---------------------------------------------------------------- sources
+
+async fn list_sources(State(p): P) -> ApiResult<Json<Vec<SourceView>>> {
+    blocking(move || Ok(p.list_sources())).await.map(Json)
+}
+
+async fn create_source(
+    State(p): P,
+    Extension(c): Extension<Caller>,
+    b: Result<Json<SourceRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let req = body(
+        b,
+        r#"{"name": "prod", "engine": "postgres", "version": 15, "size": "64G", "primary": {"host": "db1", "user": "replicator", "passwordFile": "/etc/blockd/prod.pass"}, "refresh": "every 15m"}"#,
+    )?;
+    let name = req.name.clone();
+    let id = blocking(move || p.create_source(&c, req)).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "job": id, "source": name })),
+    ))
+}
+
+async fn show_source(State(p): P, Path(name): Path<String>) -> ApiResult<Json<SourceView>> {
+    blocking(move || p.show_source(&name)).await.map(Json)
+}
+
+async fn delete_source(
+    State(p): P,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    blocking(move || p.delete_source(&c, &name))
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
+}
+
+async fn refresh_source(
+    State(p): P,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<RevisionView>)> {
+    blocking(move || p.refresh_source(&c, &name))
+        .await
+        .map(|r| (StatusCode::CREATED, Json(r)))
+}
+
 // ---------------------------------------------------------------- clones
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateClone {
+    /// An image, or a source revision: `SOURCE`, `SOURCE@N`, `SOURCE@TIME`.
+    #[serde(alias = "from")]
     image: String,
     name: String,
     port: Option<u16>,

@@ -9,3 +9,4 @@ pub mod host;
 pub mod model;
 pub mod plane;
 pub mod postgres;
+pub mod sources;

@@ -234,6 +234,13 @@ pub struct CloneRec {
     pub attachment: Option<Attachment>,
     pub created_unix: u64,
     pub expires_unix: Option<u64>,
+    /// The snapshot the clone was made from (and is reset to); empty in records written
+    /// before sources existed, where it is the image's `img.NAME@image`.
+    #[serde(default)]
+    pub snapshot: String,
+    /// Made from a raw source revision: a standby to promote at its first start.
+    #[serde(default)]
+    pub promote: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -258,6 +265,124 @@ pub struct ControlState {
     pub images: BTreeMap<String, ImageRec>,
     pub clones: BTreeMap<String, CloneRec>,
     pub tokens: Vec<TokenRec>,
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceRec>,
+}
+
+/// The production primary a source follows. The password comes from a file on the
+/// daemon's host or from one of the daemon's environment variables, never from the YAML.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrimaryDef {
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// A role with the REPLICATION attribute.
+    pub user: String,
+    #[serde(default)]
+    pub password_file: Option<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+/// The source definition file (`blockd source create -f source.yaml`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceDefinition {
+    pub name: String,
+    pub engine: Engine,
+    pub version: u32,
+    pub primary: PrimaryDef,
+    pub size: SizeSpec,
+    /// `manual` (default), `every 15m`, or `none`.
+    #[serde(default)]
+    pub refresh: Option<String>,
+    /// Revisions kept (default 8); older ones are deleted unless clones use them.
+    #[serde(default)]
+    pub retain: Option<u32>,
+    /// Masking applied to every revision (never to the source itself).
+    #[serde(default)]
+    pub post_script: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub filesystem: Option<String>,
+}
+
+/// `POST /v1/sources`: the definition with the post-script inlined.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceRequest {
+    pub name: String,
+    pub engine: Engine,
+    pub version: u32,
+    pub primary: PrimaryDef,
+    pub size: SizeSpec,
+    #[serde(default)]
+    pub refresh: Option<String>,
+    #[serde(default)]
+    pub retain: Option<u32>,
+    #[serde(default)]
+    pub post_script: Option<ScriptBody>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub filesystem: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum RefreshMode {
+    Manual,
+    Every { seconds: u64 },
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceState {
+    Building,
+    Ready,
+}
+
+/// One point-in-time revision of a source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevisionRec {
+    pub number: u32,
+    /// The snapshot clones are made from: `src.NAME@rN`, or `rev.NAME.N@image` if masked.
+    pub snapshot: String,
+    /// End of the WAL the revision holds: a clone replays exactly up to here.
+    pub lsn: String,
+    /// Commit time of the last transaction the standby had replayed.
+    pub replay_timestamp: Option<String>,
+    pub created_unix: u64,
+    /// Masked by the post-script (already a primary), or a raw standby (clones promote).
+    pub masked: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceRec {
+    pub name: String,
+    pub state: SourceState,
+    pub volume: String,
+    pub version: u32,
+    pub primary: PrimaryDef,
+    pub size_bytes: u64,
+    pub filesystem: String,
+    pub refresh: RefreshMode,
+    pub retain: u32,
+    pub post_script: Option<ScriptBody>,
+    pub tags: Vec<String>,
+    pub revisions: Vec<RevisionRec>,
+    pub next_revision: u32,
+    pub attachment: Option<Attachment>,
+    pub created_unix: u64,
+    pub last_refresh_unix: Option<u64>,
+    pub last_error: Option<String>,
 }
 
 /// Where the control plane keeps its files under the data directory.

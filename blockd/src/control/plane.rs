@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use super::host::{self, HostError, NbdEndpoint};
+use super::host::{self, Attachment, HostError, NbdEndpoint};
 use super::model::*;
 use super::postgres::{self, PGDATA_DIR, Pg};
 use crate::names::Name;
@@ -129,7 +129,10 @@ pub struct PlaneConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct Job {
     pub id: u64,
-    pub image: String,
+    /// image or source
+    pub kind: &'static str,
+    /// The image or source the job makes.
+    pub name: String,
     /// running, done, failed
     pub state: &'static str,
     pub step: String,
@@ -174,10 +177,10 @@ pub struct CloneView {
 }
 
 pub struct ControlPlane {
-    store: Arc<Store>,
+    pub(super) store: Arc<Store>,
     cfg: PlaneConfig,
     paths: Paths,
-    state: Mutex<ControlState>,
+    pub(super) state: Mutex<ControlState>,
     /// Names with an operation in progress.
     busy: Mutex<HashSet<String>>,
     /// Clones [`ControlPlane::reconcile`] has not dealt with yet since the start: whatever
@@ -189,7 +192,7 @@ pub struct ControlPlane {
 }
 
 /// Marks a name busy while it lives.
-struct BusyGuard<'a> {
+pub(super) struct BusyGuard<'a> {
     set: &'a Mutex<HashSet<String>>,
     key: String,
 }
@@ -268,7 +271,7 @@ impl ControlPlane {
     }
 
     /// Applies `f` to the state and persists it; memory changes only if that succeeds.
-    fn update<R>(&self, f: impl FnOnce(&mut ControlState) -> CResult<R>) -> CResult<R> {
+    pub(super) fn update<R>(&self, f: impl FnOnce(&mut ControlState) -> CResult<R>) -> CResult<R> {
         let mut st = self.state.lock();
         let mut next = st.clone();
         let r = f(&mut next)?;
@@ -289,7 +292,7 @@ impl ControlPlane {
         self.state.lock().clone()
     }
 
-    fn claim(&self, key: String, what: &str) -> CResult<BusyGuard<'_>> {
+    pub(super) fn claim(&self, key: String, what: &str) -> CResult<BusyGuard<'_>> {
         let mut b = self.busy.lock();
         if !b.insert(key.clone()) {
             return Err(cerr(
@@ -303,21 +306,111 @@ impl ControlPlane {
         })
     }
 
-    fn run_dir(&self, name: &str) -> PathBuf {
+    pub(super) fn run_dir(&self, name: &str) -> PathBuf {
         self.paths.run.join(name)
     }
 
-    fn mountpoint(&self, name: &str) -> PathBuf {
+    pub(super) fn mountpoint(&self, name: &str) -> PathBuf {
         self.paths.mnt.join(name)
     }
 
-    fn work_dir(&self, name: &str) -> PathBuf {
+    pub(super) fn work_dir(&self, name: &str) -> PathBuf {
         self.paths.attach.join(name)
+    }
+
+    pub(super) fn nbd(&self) -> &NbdEndpoint {
+        &self.cfg.nbd
+    }
+
+    pub(super) fn scripts_dir(&self) -> &Path {
+        &self.paths.scripts
+    }
+
+    pub(super) fn is_busy(&self, key: &str) -> bool {
+        self.busy.lock().contains(key)
+    }
+
+    pub(super) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Checks the directories databases live in can be reached by the postgres user.
+    pub(super) fn check_reachable(&self) -> CResult<()> {
+        for d in [&self.paths.mnt, &self.paths.run, &self.paths.scripts] {
+            postgres::check_reachable(d).map_err(|e| cerr(Kind::Invalid, e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `work` on a thread of its own as job `kind` on `name` (busy under `busy_key`
+    /// meanwhile); returns the job id to poll with `GET /v1/jobs/ID`.
+    pub(super) fn start_job(
+        self: &Arc<Self>,
+        kind: &'static str,
+        name: &str,
+        busy_key: String,
+        work: impl FnOnce(u64) -> CResult<()> + Send + 'static,
+    ) -> CResult<u64> {
+        if !self.busy.lock().insert(busy_key.clone()) {
+            return Err(cerr(
+                Kind::Busy,
+                format!("{kind} {name} is busy with another operation; retry in a moment"),
+            ));
+        }
+        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        self.jobs.lock().insert(
+            id,
+            Job {
+                id,
+                kind,
+                name: name.to_string(),
+                state: "running",
+                step: "queued".into(),
+                steps: Vec::new(),
+                error: None,
+                started_unix: now_unix(),
+                seconds: 0.0,
+            },
+        );
+        let me = self.clone();
+        let key = busy_key.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{kind}-job"))
+            .spawn(move || {
+                let started = Instant::now();
+                let result = work(id);
+                let mut jobs = me.jobs.lock();
+                if let Some(j) = jobs.get_mut(&id) {
+                    j.seconds = started.elapsed().as_secs_f64();
+                    match result {
+                        Ok(()) => {
+                            j.state = "done";
+                            j.step = "done".into();
+                        }
+                        Err(e) => {
+                            // The message names the step that failed (not the clean-up).
+                            j.state = "failed";
+                            j.error = Some(e.message);
+                        }
+                    }
+                }
+                drop(jobs);
+                me.busy.lock().remove(&busy_key);
+            });
+        if let Err(e) = spawned {
+            self.jobs.lock().remove(&id);
+            self.busy.lock().remove(&key);
+            return Err(cerr(
+                Kind::Failed,
+                format!("cannot start the {kind} job: {e}"),
+            ));
+        }
+        Ok(id)
     }
 
     /// Refuses a name whose PostgreSQL socket path (in the run directory of `volume`) would
     /// be longer than Unix allows: the server could not start.
-    fn check_socket_path(&self, what: &str, name: &str, volume: &str) -> CResult<()> {
+    pub(super) fn check_socket_path(&self, what: &str, name: &str, volume: &str) -> CResult<()> {
         // The longest socket name: a five-digit port.
         let path = self.run_dir(volume).join(".s.PGSQL.65535");
         let len = path.as_os_str().len();
@@ -473,9 +566,7 @@ impl ControlPlane {
         caller.require_admin("creating images")?;
         let (size, lifetime, fs) = validate_request(&req).map_err(|e| cerr(Kind::Invalid, e))?;
         Pg::find(req.version).map_err(|e| cerr(Kind::Invalid, e.to_string()))?;
-        for d in [&self.paths.mnt, &self.paths.run, &self.paths.scripts] {
-            postgres::check_reachable(d).map_err(|e| cerr(Kind::Invalid, e.to_string()))?;
-        }
+        self.check_reachable()?;
         if let Some(b) = &req.backup
             && !Path::new(b).exists()
         {
@@ -490,6 +581,15 @@ impl ControlPlane {
         self.check_socket_path("image", &req.name, &volume)?;
         {
             let st = self.state.lock();
+            if st.sources.contains_key(&req.name) {
+                return Err(cerr(
+                    Kind::AlreadyExists,
+                    format!(
+                        "a source named {} exists; images and sources share one name space, pick another name",
+                        req.name
+                    ),
+                ));
+            }
             if st.images.contains_key(&req.name) {
                 return Err(cerr(
                     Kind::AlreadyExists,
@@ -506,56 +606,15 @@ impl ControlPlane {
                 format!("volume {volume} already exists; delete it or pick another image name"),
             ));
         }
-        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
-        let job = Job {
-            id,
-            image: req.name.clone(),
-            state: "running",
-            step: "queued".into(),
-            steps: Vec::new(),
-            error: None,
-            started_unix: now_unix(),
-            seconds: 0.0,
-        };
-        self.jobs.lock().insert(id, job);
-        let guard_key = format!("image:{}", req.name);
-        if !self.busy.lock().insert(guard_key.clone()) {
-            self.jobs.lock().remove(&id);
-            return Err(cerr(
-                Kind::Busy,
-                format!("image {} is already being built", req.name),
-            ));
-        }
         let me = self.clone();
-        std::thread::Builder::new()
-            .name("image-build".into())
-            .spawn(move || {
-                let started = Instant::now();
-                let result = me.build_image(id, &req, size, lifetime, &fs);
-                let mut jobs = me.jobs.lock();
-                if let Some(j) = jobs.get_mut(&id) {
-                    j.seconds = started.elapsed().as_secs_f64();
-                    match result {
-                        Ok(()) => {
-                            j.state = "done";
-                            j.step = "done".into();
-                        }
-                        Err(e) => {
-                            // The message names the step that failed (not the clean-up).
-                            j.state = "failed";
-                            j.error = Some(e.message);
-                        }
-                    }
-                }
-                drop(jobs);
-                me.busy.lock().remove(&guard_key);
-            })
-            .map_err(|e| cerr(Kind::Failed, format!("cannot start the build: {e}")))?;
-        Ok(id)
+        let name = req.name.clone();
+        self.start_job("image", &name, format!("image:{name}"), move |id| {
+            me.build_image(id, &req, size, lifetime, &fs)
+        })
     }
 
-    fn step(&self, job: u64, what: &str) {
-        tracing::info!(job, step = what, "image build");
+    pub(super) fn step(&self, job: u64, what: &str) {
+        tracing::info!(job, step = what, "job step");
         if let Some(j) = self.jobs.lock().get_mut(&job) {
             j.step = what.to_string();
             j.steps.push(what.to_string());
@@ -917,13 +976,7 @@ impl ControlPlane {
         self.check_socket_path("clone", name, &volume)?;
         let _busy = self.claim(format!("clone:{name}"), &format!("clone {name}"))?;
         let rec = self.update(|st| {
-            let img = st.images.get(image).ok_or_else(|| image_not_found(image))?;
-            if img.state != ImageState::Ready {
-                return Err(cerr(
-                    Kind::Busy,
-                    format!("image {image} is still being built; wait for it to finish"),
-                ));
-            }
+            let origin = resolve_origin(st, image)?;
             if st.clones.contains_key(name) {
                 return Err(cerr(
                     Kind::AlreadyExists,
@@ -933,7 +986,7 @@ impl ControlPlane {
             let port = self.pick_port(st, port)?;
             let rec = CloneRec {
                 name: name.into(),
-                image: image.into(),
+                image: origin.label,
                 volume: volume.clone(),
                 port,
                 owner: caller.name.clone(),
@@ -942,17 +995,13 @@ impl ControlPlane {
                 attachment: None,
                 created_unix: now_unix(),
                 expires_unix: lifetime.map(|d| now_unix() + d.as_secs()),
+                snapshot: origin.snapshot,
+                promote: origin.promote,
             };
             st.clones.insert(name.into(), rec.clone());
             Ok(rec)
         })?;
-        let snapshot = self
-            .state
-            .lock()
-            .images
-            .get(image)
-            .map(|i| i.snapshot.clone())
-            .unwrap_or_default();
+        let snapshot = rec.snapshot.clone();
         let made = (|| -> CResult<()> {
             self.store
                 .clone_volume(&snapshot, &internal_name(&volume)?)?;
@@ -967,20 +1016,27 @@ impl ControlPlane {
             });
             return Err(e);
         }
-        tracing::info!(clone = %name, image = %image, port = rec.port, "clone running");
+        tracing::info!(clone = %name, from = %rec.image, port = rec.port, "clone running");
         self.show_clone(caller, name)
     }
 
-    /// Attaches, mounts and starts a clone's database. `first` sets its password.
+    /// The PostgreSQL version of a clone: its image's or its source's.
+    fn clone_version(&self, rec: &CloneRec) -> CResult<u32> {
+        let st = self.state.lock();
+        if let Some(i) = st.images.get(&rec.image) {
+            return Ok(i.version);
+        }
+        let source = rec.image.split('@').next().unwrap_or_default();
+        st.sources
+            .get(source)
+            .map(|s| s.version)
+            .ok_or_else(|| image_not_found(&rec.image))
+    }
+
+    /// Attaches, mounts and starts a clone's database. `first` (a fresh copy of its
+    /// snapshot) promotes a standby copy and sets the password.
     fn bring_up(&self, rec: &CloneRec, first: bool) -> CResult<()> {
-        let img = self
-            .state
-            .lock()
-            .images
-            .get(&rec.image)
-            .cloned()
-            .ok_or_else(|| image_not_found(&rec.image))?;
-        let pg = Pg::find(img.version)?;
+        let pg = Pg::find(self.clone_version(rec)?)?;
         let size = self.store.show_volume(&rec.volume)?.size_bytes;
         let att = host::attach(
             &self.cfg.nbd,
@@ -1001,7 +1057,11 @@ impl ControlPlane {
         postgres::own_dir(&run_dir, 0o700)?;
         let pgdata = mnt.join(PGDATA_DIR);
         postgres::remove_stale_pid_file(&pgdata)?;
-        pg.start(&pgdata, &run_dir, rec.port, &self.cfg.listen_address)?;
+        if first && rec.promote {
+            pg.start_promoted(&pgdata, &run_dir, rec.port, &self.cfg.listen_address)?;
+        } else {
+            pg.start(&pgdata, &run_dir, rec.port, &self.cfg.listen_address)?;
+        }
         if first {
             let sql = format!(
                 "ALTER ROLE {} PASSWORD '{}'",
@@ -1019,7 +1079,7 @@ impl ControlPlane {
             return Ok(());
         };
         let mnt = self.mountpoint(&rec.volume);
-        let version = self.state.lock().images.get(&rec.image).map(|i| i.version);
+        let version = self.clone_version(&rec).ok();
         let mut first_err = None;
         if let Some(v) = version
             && let Ok(pg) = Pg::find(v)
@@ -1098,13 +1158,17 @@ impl ControlPlane {
         let rec = self.clone_rec(caller, name)?;
         let _busy = self.claim(format!("clone:{name}"), &format!("clone {name}"))?;
         self.tear_down(name)?;
-        let snapshot = self
-            .state
-            .lock()
-            .images
-            .get(&rec.image)
-            .map(|i| i.snapshot.clone())
-            .ok_or_else(|| image_not_found(&rec.image))?;
+        let snapshot = if rec.snapshot.is_empty() {
+            // Recorded before clones kept their snapshot: the image's.
+            self.state
+                .lock()
+                .images
+                .get(&rec.image)
+                .map(|i| i.snapshot.clone())
+                .ok_or_else(|| image_not_found(&rec.image))?
+        } else {
+            rec.snapshot.clone()
+        };
         self.store.delete_volume(&rec.volume)?;
         self.store
             .clone_volume(&snapshot, &internal_name(&rec.volume)?)?;
@@ -1114,7 +1178,7 @@ impl ControlPlane {
             let _ = self.tear_down(name);
             return Err(e);
         }
-        tracing::info!(clone = %name, "clone reset to its image");
+        tracing::info!(clone = %name, to = %rec.image, "clone reset");
         self.show_clone(caller, name)
     }
 
@@ -1228,6 +1292,7 @@ impl ControlPlane {
                 self.discard_build(&img.name, &pg);
             }
         }
+        self.reconcile_sources();
         for c in st.clones.values() {
             if self.stopping.load(Ordering::Relaxed) {
                 return;
@@ -1240,23 +1305,7 @@ impl ControlPlane {
             let mnt = self.mountpoint(&c.volume);
             if c.attachment.is_some() || host::is_mounted(&mnt) {
                 tracing::warn!(clone = %c.name, "cleaning up a stale attachment");
-                if let Some(pid) = postgres::postmaster_of(&mnt.join(PGDATA_DIR)) {
-                    // Its storage died with the previous daemon: stop it hard, and wait
-                    // until it is gone before its file system is unmounted and the volume
-                    // attached again.
-                    // SAFETY: kill(2) on the postmaster serving the clone's data directory.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGQUIT) };
-                    if !host::wait_exit(pid, Duration::from_secs(10)) {
-                        // SAFETY: as above.
-                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                        host::wait_exit(pid, Duration::from_secs(10));
-                    }
-                }
-                let _ = host::unmount(&mnt);
-                if let Some(a) = &c.attachment {
-                    let _ = host::detach(a);
-                }
-                cleanup_fuse_dir(&self.work_dir(&c.volume));
+                release_stale(&mnt, c.attachment.as_ref(), &self.work_dir(&c.volume));
                 let name = c.name.clone();
                 let _ = self.update(|st| {
                     if let Some(x) = st.clones.get_mut(&name) {
@@ -1283,9 +1332,11 @@ impl ControlPlane {
         }
     }
 
-    /// Stops every clone cleanly before the daemon exits; they come back at the next start.
+    /// Stops every clone and source cleanly before the daemon exits; they come back at
+    /// the next start.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.shutdown_sources();
         let names: Vec<String> = self
             .state
             .lock()
@@ -1345,6 +1396,15 @@ impl ControlPlane {
             .name("control".into())
             .spawn(move || {
                 me.reconcile();
+                let sources = me.clone();
+                let _ = std::thread::Builder::new()
+                    .name("sources".into())
+                    .spawn(move || {
+                        while !sources.stopping.load(Ordering::Relaxed) {
+                            sources.tick_sources();
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    });
                 while !me.stopping.load(Ordering::Relaxed) {
                     let deadline = Instant::now() + me.cfg.expiry_interval;
                     while Instant::now() < deadline && !me.stopping.load(Ordering::Relaxed) {
@@ -1378,13 +1438,69 @@ fn clone_not_found(name: &str) -> ControlError {
 }
 
 /// A store name for a control-plane object (`img.NAME`, `cln.NAME`, snapshot names).
-fn internal_name(s: &str) -> CResult<Name> {
+pub(super) fn internal_name(s: &str) -> CResult<Name> {
     Name::internal(s).map_err(|e| cerr(Kind::Invalid, e.to_string()))
+}
+
+/// Releases what a killed daemon left of a volume that was attached and mounted at
+/// `mnt`: the PostgreSQL server on it (its storage died with the daemon: stopped hard, and
+/// waited for before its file system is unmounted), the mount, the attachment.
+pub(super) fn release_stale(mnt: &Path, attachment: Option<&Attachment>, work_dir: &Path) {
+    if let Some(pid) = postgres::postmaster_of(&mnt.join(PGDATA_DIR)) {
+        // SAFETY: kill(2) on the postmaster serving this volume's data directory.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGQUIT) };
+        if !host::wait_exit(pid, Duration::from_secs(10)) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            host::wait_exit(pid, Duration::from_secs(10));
+        }
+    }
+    let _ = host::unmount(mnt);
+    if let Some(a) = attachment {
+        let _ = host::detach(a);
+    }
+    cleanup_fuse_dir(work_dir);
+}
+
+/// What `clone create FROM` names: an image, or a source revision.
+struct Origin {
+    label: String,
+    snapshot: String,
+    promote: bool,
+}
+
+fn resolve_origin(st: &ControlState, from: &str) -> CResult<Origin> {
+    if let Some(img) = st.images.get(from) {
+        if img.state != ImageState::Ready {
+            return Err(cerr(
+                Kind::Busy,
+                format!("image {from} is still being built; wait for it to finish"),
+            ));
+        }
+        return Ok(Origin {
+            label: from.to_string(),
+            snapshot: img.snapshot.clone(),
+            promote: false,
+        });
+    }
+    match super::sources::resolve_revision(st, from)? {
+        Some(r) => Ok(Origin {
+            label: r.label,
+            snapshot: r.snapshot,
+            promote: r.promote,
+        }),
+        None => Err(cerr(
+            Kind::NotFound,
+            format!(
+                "no image or source named {from}; list them with `blockd image list` and `blockd source list`"
+            ),
+        )),
+    }
 }
 
 /// Releases a leftover nbdfuse file in `dir`, if any: the loop devices over it first (while
 /// one holds it, it cannot be unmounted), then the FUSE mount (its nbdfuse then exits).
-fn cleanup_fuse_dir(dir: &Path) {
+pub(super) fn cleanup_fuse_dir(dir: &Path) {
     let file = dir.join("disk");
     for dev in host::loop_devices_backed_by(&file) {
         tracing::warn!(device = %dev, file = %file.display(), "detaching a leftover loop device");

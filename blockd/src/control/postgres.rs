@@ -201,9 +201,21 @@ impl Pg {
     /// Starts the server and waits until it accepts connections. `listen` empty means
     /// the private socket only.
     pub fn start(&self, pgdata: &Path, run_dir: &Path, port: u16, listen: &str) -> HostResult<()> {
+        self.start_with(pgdata, run_dir, port, listen, "")
+    }
+
+    /// Starts the server with `extra` appended to its command-line options.
+    fn start_with(
+        &self,
+        pgdata: &Path,
+        run_dir: &Path,
+        port: u16,
+        listen: &str,
+        extra: &str,
+    ) -> HostResult<()> {
         let opts = format!(
             "-p {port} -c listen_addresses='{listen}' -c unix_socket_directories='{}' \
-             -c archive_mode=off -c hba_file='{}/pg_hba.conf'",
+             -c archive_mode=off -c hba_file='{}/pg_hba.conf' {extra}",
             run_dir.display(),
             pgdata.display()
         );
@@ -264,13 +276,126 @@ impl Pg {
         .map(|_| ())
     }
 
-    /// Runs SQL through psql over the private socket, stopping at the first error.
-    pub fn psql(&self, run_dir: &Path, port: u16, db: &str, sql: &str) -> HostResult<String> {
+    /// Starts a copy of a standby as a primary of its own: it must never reach the
+    /// production primary its settings name, so it starts with no `primary_conninfo`, is
+    /// promoted (ending recovery at the end of the WAL it holds, on a new timeline), and
+    /// the standby settings are removed for good.
+    pub fn start_promoted(
+        &self,
+        pgdata: &Path,
+        run_dir: &Path,
+        port: u16,
+        listen: &str,
+    ) -> HostResult<()> {
+        self.start_with(
+            pgdata,
+            run_dir,
+            port,
+            listen,
+            "-c primary_conninfo='' -c primary_slot_name=''",
+        )?;
+        if pgdata.join("standby.signal").exists() {
+            self.run_as(
+                "pg_ctl",
+                &[
+                    OsStr::new("-D"),
+                    pgdata.as_os_str(),
+                    OsStr::new("-w"),
+                    OsStr::new("-t"),
+                    OsStr::new("600"),
+                    OsStr::new("promote"),
+                ],
+                Duration::from_secs(610),
+                &[],
+            )?;
+        }
+        for setting in ["primary_conninfo", "primary_slot_name"] {
+            self.psql(
+                run_dir,
+                port,
+                "postgres",
+                &format!("ALTER SYSTEM RESET {setting}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Copies a running primary into `pgdata` with `pg_basebackup`, streaming the WAL it
+    /// needs, configured as its standby (`-R`). The password comes from `passfile`.
+    pub fn basebackup(&self, conninfo: &str, passfile: &Path, pgdata: &Path) -> HostResult<()> {
+        let pass = passfile.display().to_string();
+        self.run_as(
+            "pg_basebackup",
+            &[
+                OsStr::new("-d"),
+                OsStr::new(conninfo),
+                OsStr::new("-D"),
+                pgdata.as_os_str(),
+                OsStr::new("-X"),
+                OsStr::new("stream"),
+                OsStr::new("-R"),
+                OsStr::new("-c"),
+                OsStr::new("fast"),
+                OsStr::new("-w"),
+            ],
+            Duration::from_secs(24 * 3600),
+            &[("PGPASSFILE", pass.as_str())],
+        )
+        .map(|_| ())
+    }
+
+    /// Runs one query over the private socket; returns its rows unaligned, `|`-separated.
+    pub fn query(&self, run_dir: &Path, port: u16, sql: &str) -> HostResult<String> {
+        self.psql_with(
+            run_dir,
+            port,
+            "postgres",
+            "-tA",
+            sql,
+            Duration::from_secs(30),
+        )
+        .map(|s| s.trim().to_string())
+    }
+
+    /// Runs one command on a connection string (e.g. a replication connection to the
+    /// primary); returns its rows unaligned, `|`-separated.
+    pub fn query_conn(&self, conninfo: &str, sql: &str) -> HostResult<String> {
         self.run_as(
             "psql",
             &[
                 OsStr::new("-X"),
-                OsStr::new("-q"),
+                OsStr::new("-tA"),
+                OsStr::new("-w"),
+                OsStr::new("-d"),
+                OsStr::new(conninfo),
+                OsStr::new("-c"),
+                OsStr::new(sql),
+            ],
+            Duration::from_secs(30),
+            &[],
+        )
+        .map(|s| s.trim().to_string())
+    }
+
+    /// Runs SQL through psql over the private socket, stopping at the first error.
+    pub fn psql(&self, run_dir: &Path, port: u16, db: &str, sql: &str) -> HostResult<String> {
+        self.psql_with(run_dir, port, db, "-q", sql, host::LONG)
+    }
+
+    fn psql_with(
+        &self,
+        run_dir: &Path,
+        port: u16,
+        db: &str,
+        output: &str,
+        sql: &str,
+        limit: Duration,
+    ) -> HostResult<String> {
+        self.run_as(
+            "psql",
+            &[
+                OsStr::new("-X"),
+                OsStr::new(output),
                 OsStr::new("-v"),
                 OsStr::new("ON_ERROR_STOP=1"),
                 OsStr::new("-h"),
@@ -284,7 +409,7 @@ impl Pg {
                 OsStr::new("-c"),
                 OsStr::new(sql),
             ],
-            host::LONG,
+            limit,
             &[],
         )
     }
@@ -423,6 +548,37 @@ pub fn prepare_data_dir(pgdata: &Path) -> HostResult<()> {
     Ok(())
 }
 
+/// Makes a fresh copy of a primary a standby that blockd runs: blockd's pg_hba.conf, an
+/// empty configuration file if the primary kept its own elsewhere (Debian keeps it in
+/// /etc), `standby.signal`, and `primary_conninfo` set to `conninfo`.
+pub fn prepare_standby(pgdata: &Path, conninfo: &str) -> HostResult<()> {
+    write_owned(&pgdata.join("pg_hba.conf"), HBA.as_bytes(), 0o600)?;
+    for f in ["postgresql.conf", "pg_ident.conf"] {
+        let p = pgdata.join(f);
+        if !p.exists() {
+            write_owned(
+                &p,
+                b"# Written by blockd: the primary had none here.\n",
+                0o600,
+            )?;
+        }
+    }
+    let _ = std::fs::remove_file(pgdata.join("recovery.signal"));
+    write_owned(&pgdata.join("standby.signal"), b"", 0o600)?;
+    let auto = pgdata.join("postgresql.auto.conf");
+    let old = std::fs::read_to_string(&auto).unwrap_or_default();
+    let mut text: String = old
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("primary_conninfo"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str(&format!(
+        "primary_conninfo = '{}'\n",
+        conninfo.replace('\\', "\\\\").replace('\'', "''")
+    ));
+    write_owned(&auto, text.as_bytes(), 0o600)
+}
+
 /// A random password (32 hex digits from /dev/urandom).
 pub fn random_secret(bytes: usize) -> HostResult<String> {
     use std::io::Read;
@@ -431,4 +587,104 @@ pub fn random_secret(bytes: usize) -> HostResult<String> {
         .and_then(|mut f| f.read_exact(&mut b))
         .map_err(|e| err("reading /dev/urandom", e.to_string()))?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A psql process kept connected to one server, for queries that must not wait on the
+/// file system: a new connection may write files (a backend rebuilds the relation cache
+/// file), which blocks while the file system is frozen; an open one only reads.
+pub struct Session {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::process::ChildStdout,
+}
+
+impl Pg {
+    /// Connects over the private socket; the connection is open when this returns.
+    pub fn session(&self, run_dir: &Path, port: u16) -> HostResult<Session> {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("runuser")
+            .args(["-u", OS_USER, "--"])
+            .arg(self.tool("psql"))
+            .args(["-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(run_dir)
+            .args(["-p", &port.to_string(), "-U", SUPERUSER, "-d", "postgres"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| err("starting psql", e.to_string()))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(err("starting psql", "no pipes to it"));
+        };
+        let mut s = Session {
+            child,
+            stdin,
+            stdout,
+        };
+        s.query_row("SELECT 1", Duration::from_secs(30))?;
+        Ok(s)
+    }
+}
+
+impl Session {
+    /// Runs a query returning one row; returns it unaligned, `|`-separated.
+    pub fn query_row(&mut self, sql: &str, limit: Duration) -> HostResult<String> {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let what = || format!("psql: {sql}");
+        writeln!(self.stdin, "{};", sql.trim_end_matches(';'))
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| err(what(), format!("{e}{}", self.stderr())))?;
+        let deadline = std::time::Instant::now() + limit;
+        let mut line = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(err(what(), format!("no answer within {limit:?}")));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.stdout.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll(2) on one valid descriptor we own, for at most `left`.
+            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(60_000) as i32) };
+            if n <= 0 {
+                continue;
+            }
+            let mut b = [0u8; 1];
+            match self.stdout.read(&mut b) {
+                Ok(1) if b[0] == b'\n' => break,
+                Ok(1) => line.push(b[0]),
+                Ok(_) => return Err(err(what(), format!("psql ended{}", self.stderr()))),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(err(what(), e.to_string())),
+            }
+        }
+        Ok(String::from_utf8_lossy(&line).trim().to_string())
+    }
+
+    /// What psql said on its way out (it has exited when this is called).
+    fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let _ = self.child.wait();
+        let mut s = String::new();
+        if let Some(e) = self.child.stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        if s.trim().is_empty() {
+            String::new()
+        } else {
+            format!(": {}", s.trim())
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
