@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod nbd;
+pub mod pg;
 
 use std::fs;
 use std::io::Read;
