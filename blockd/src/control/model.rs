@@ -362,6 +362,9 @@ pub struct RevisionRec {
     pub created_unix: u64,
     /// Masked by the post-script (already a primary), or a raw standby (clones promote).
     pub masked: bool,
+    /// How long the source's file system was frozen for the snapshot, in microseconds.
+    #[serde(default)]
+    pub frozen_us: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

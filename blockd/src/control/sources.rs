@@ -79,6 +79,8 @@ pub struct RevisionView {
     pub replay_timestamp: Option<String>,
     pub created_unix: u64,
     pub masked: bool,
+    /// How long the source's file system was frozen for the snapshot.
+    pub frozen_ms: f64,
     pub clones: Vec<String>,
 }
 
@@ -593,6 +595,7 @@ impl ControlPlane {
         // Connected before the freeze: a new connection could wait on the frozen files.
         let pg = Pg::find(src.version)?;
         let mut session = pg.session(&self.source_run_dir(name), STANDBY_PORT)?;
+        let frozen_at = std::time::Instant::now();
         freeze(&mnt)?;
         let taken = (|| -> CResult<(String, Option<String>)> {
             let limit = Duration::from_secs(10);
@@ -612,6 +615,7 @@ impl ControlPlane {
             Ok((lsn, ts))
         })();
         let thawed = thaw(&mnt);
+        let frozen_us = frozen_at.elapsed().as_micros() as u64;
         let (lsn, ts) = taken?;
         thawed?;
         let raw_full = format!("{}@{raw}", src.volume);
@@ -632,6 +636,7 @@ impl ControlPlane {
             replay_timestamp: ts,
             created_unix: now_unix(),
             masked,
+            frozen_us,
         };
         let nm = name.to_string();
         self.update(|st| {
@@ -641,7 +646,7 @@ impl ControlPlane {
             }
             Ok(())
         })?;
-        tracing::info!(source = %name, revision = n, lsn = %rev.lsn, "refreshed");
+        tracing::info!(source = %name, revision = n, lsn = %rev.lsn, frozen_us, "refreshed");
         self.apply_retention(name);
         let st = self.state.lock().clone();
         let src = self.source_rec(name)?;
@@ -983,6 +988,7 @@ fn revision_view(st: &ControlState, src: &SourceRec, r: &RevisionRec) -> Revisio
         replay_timestamp: r.replay_timestamp.clone(),
         created_unix: r.created_unix,
         masked: r.masked,
+        frozen_ms: r.frozen_us as f64 / 1000.0,
     }
 }
 
@@ -1055,6 +1061,7 @@ mod tests {
                 replay_timestamp: None,
                 created_unix: t,
                 masked: i == 0,
+                frozen_us: 0,
             })
             .collect();
         st.sources.insert(
