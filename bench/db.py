@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Database benchmarks of blockd's control plane (release build, real PostgreSQL 15).
 
-    python3 bench/db.py clone-ready [--clones 10]
+    python3 bench/db.py clone-ready [--scales 5,100] [--clones 10]
         time from `blockd clone create` to the first successful `SELECT 1` over TCP, for
-        clones of the demo image (examples/demo).
+        clones of the demo image (examples/demo) built at each pgbench scale.
     python3 bench/db.py refresh [--scales 10,100] [--refreshes 7]
         how long a source refresh keeps the standby's file system frozen (fsfreeze, read
         the WAL position, snapshot, thaw) and how long the whole refresh takes, for two
@@ -161,38 +161,67 @@ def try_select(conn):
     return r.returncode == 0 and r.stdout.strip() == "1"
 
 
+def demo_image(root, scale):
+    """The demo image's definition with pgbench at `scale` and a volume to fit it."""
+    demo = os.path.join(REPO, "examples", "demo")
+    d = os.path.join(root, f"demo{scale}")
+    os.makedirs(d)
+    load = open(os.path.join(demo, "load.sh")).read().replace("${DEMO_SCALE:-5}", str(scale))
+    open(os.path.join(d, "load.sh"), "w").write(load)
+    os.chmod(os.path.join(d, "load.sh"), 0o755)
+    shutil.copy(os.path.join(demo, "mask.sql"), d)
+    size_g = max(2, scale * 50 // 1000 + 2)
+    yaml = os.path.join(d, "image.yaml")
+    open(yaml, "w").write(
+        f"name: demo{scale}\nsourceType: empty\nengine: postgres\nversion: 15\n"
+        f"size: {size_g}G\npreScript: load.sh\npostScript: mask.sql\n")
+    return yaml
+
+
 def cmd_clone_ready(a):
     root = tempfile.mkdtemp(prefix="blockd-dbbench-", dir="/tmp")
     os.chmod(root, 0o755)
     d = None
+    rows, raw = [], {}
     try:
         d = Daemon(root)
-        t0 = time.time()
-        d.cli("image", "create", "-f", os.path.join(REPO, "examples", "demo", "image.yaml"))
-        log(f"demo image built in {time.time() - t0:.1f} s")
-        samples, api_ms = [], []
-        for i in range(a.clones):
-            t = time.perf_counter()
-            v = d.cli("clone", "create", "demo", f"b{i}")
-            api_ms.append((time.perf_counter() - t) * 1000)
-            while not try_select(v["connection"]):
-                time.sleep(0.002)
-            samples.append((time.perf_counter() - t) * 1000)
-            log(f"clone b{i}: create returned in {api_ms[-1]:.0f} ms, SELECT 1 at {samples[-1]:.0f} ms")
-        s, c = stats(samples), stats(api_ms)
-        raw = save("db-clone-ready", {"ready_ms": samples, "create_ms": api_ms, "rev": git_rev()})
+        for scale in [int(x) for x in a.scales.split(",")]:
+            t0 = time.time()
+            d.cli("image", "create", "-f", demo_image(root, scale))
+            img = d.cli("image", "show", f"demo{scale}")
+            built = time.time() - t0
+            log(f"demo{scale}: {img['data_bytes'] / 1e6:.0f} MB image built in {built:.1f} s")
+            samples, api_ms = [], []
+            for i in range(a.clones):
+                t = time.perf_counter()
+                v = d.cli("clone", "create", f"demo{scale}", f"s{scale}c{i}")
+                api_ms.append((time.perf_counter() - t) * 1000)
+                while not try_select(v["connection"]):
+                    time.sleep(0.002)
+                samples.append((time.perf_counter() - t) * 1000)
+                log(f"demo{scale} clone {i}: create returned in {api_ms[-1]:.0f} ms, "
+                    f"SELECT 1 at {samples[-1]:.0f} ms")
+            for i in range(a.clones):
+                d.cli("clone", "delete", f"s{scale}c{i}")
+            s, c = stats(samples), stats(api_ms)
+            raw[scale] = {"image_bytes": img["data_bytes"], "ready_ms": samples,
+                          "create_ms": api_ms}
+            rows.append(f"| demo, pgbench scale {scale} | {img['data_bytes'] / 1e6:.0f} MB | "
+                        f"{c['median']:.0f} ms [{c['min']:.0f}–{c['max']:.0f}] | "
+                        f"{s['median']:.0f} ms [{s['min']:.0f}–{s['max']:.0f}] | {s['n']} |")
+        path = save("db-clone-ready", {"rev": git_rev(), "scales": raw})
         body = (
-            f"Command: `python3 bench/db.py clone-ready --clones {a.clones}` (release build of "
-            f"`{git_rev()}`, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {machine()}; "
-            f"raw samples `{raw}`).\n\n"
-            "Clones of the demo image (pgbench scale 5, about 80 MB, plus a masked customers "
-            "table, examples/demo), one after another, each attached through nbdfuse + loop, "
-            "mounted, and started as its own PostgreSQL 15 on a TCP port.\n\n"
-            "| measure | median | min | max | n |\n|---|---|---|---|---|\n"
-            f"| `clone create` returns (server running, password set) | {c['median']:.0f} ms | "
-            f"{c['min']:.0f} ms | {c['max']:.0f} ms | {c['n']} |\n"
-            f"| `clone create` → first `SELECT 1` over TCP | {s['median']:.0f} ms | "
-            f"{s['min']:.0f} ms | {s['max']:.0f} ms | {s['n']} |\n")
+            f"Command: `python3 bench/db.py clone-ready --scales {a.scales} --clones {a.clones}` "
+            f"(release build of `{git_rev()}`, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} "
+            f"UTC, {machine()}; raw samples `{path}`).\n\n"
+            "Clones of the demo image (examples/demo: pgbench tables at the given scale plus a "
+            "masked customers table), one after another, each attached through nbdfuse + "
+            "loop, mounted, and started as its own PostgreSQL 15 on a TCP port. *Returns*: "
+            "`blockd clone create` done (server accepting connections, password set). "
+            "*Ready*: the first `SELECT 1` over TCP with the clone's password answered. "
+            "Medians [min–max].\n\n"
+            "| image | data | `clone create` returns | `clone create` → `SELECT 1` | n |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
         print(body)
         if not a.no_docs:
             update_docs("db-clone-ready", "Database clone to ready", body)
@@ -284,6 +313,7 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("clone-ready")
     c.add_argument("--clones", type=int, default=10)
+    c.add_argument("--scales", default="5,100")
     c.add_argument("--no-docs", action="store_true")
     r = sub.add_parser("refresh")
     r.add_argument("--scales", default="10,100")

@@ -801,7 +801,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
         ),
         (
             &["clone", "create", "nosuch", "c2"],
-            &["image nosuch not found", "blockd image list"],
+            &["no image or source named nosuch", "blockd image list"],
         ),
         (
             &["clone", "create", "small", "c1"],
@@ -866,7 +866,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
     );
     // The internal names of clones are not available as volume names.
     let e = site.cli_err(&["volume", "create", "cln.c4", "--size", "1M"]);
-    assert_contains(&e, &["reserved for database images and clones"]);
+    assert_contains(&e, &["reserved for database images, clones"]);
 
     // Nothing of the refused clones exists; c1 is unharmed.
     assert_eq!(site.clone_names(), vec!["c1".to_string()]);
