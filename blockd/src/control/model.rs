@@ -385,6 +385,9 @@ pub struct SourceRec {
     pub attachment: Option<Attachment>,
     pub created_unix: u64,
     pub last_refresh_unix: Option<u64>,
+    /// The last refresh tried, successful or not (scheduled refreshes count from here).
+    #[serde(default)]
+    pub last_attempt_unix: Option<u64>,
     pub last_error: Option<String>,
 }
 

@@ -326,10 +326,6 @@ impl ControlPlane {
         &self.paths.scripts
     }
 
-    pub(super) fn is_busy(&self, key: &str) -> bool {
-        self.busy.lock().contains(key)
-    }
-
     pub(super) fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }

@@ -254,6 +254,7 @@ impl ControlPlane {
             attachment: None,
             created_unix: now_unix(),
             last_refresh_unix: None,
+            last_attempt_unix: None,
             last_error: None,
         };
         self.check_reachable()?;
@@ -489,7 +490,7 @@ impl ControlPlane {
             (SourceState::Ready, true) => "disconnected",
             (SourceState::Ready, false) => "down",
         };
-        let next = match (src.refresh, src.last_refresh_unix) {
+        let next = match (src.refresh, src.last_attempt_unix) {
             (RefreshMode::Every { seconds }, Some(last)) => Some(last + seconds),
             (RefreshMode::Every { .. }, None) => Some(src.created_unix),
             _ => None,
@@ -563,6 +564,7 @@ impl ControlPlane {
         let _ = self.update(|st| {
             if let Some(s) = st.sources.get_mut(&n) {
                 s.last_error = err.clone();
+                s.last_attempt_unix = Some(now_unix());
                 if err.is_none() {
                     s.last_refresh_unix = Some(now_unix());
                 }
@@ -858,9 +860,10 @@ impl ControlPlane {
             if self.is_stopping() {
                 return;
             }
-            if self.is_busy(&format!("source:{}", s.name)) {
+            // Held while restarting or refreshing: a delete or an on-demand refresh waits.
+            let Ok(_busy) = self.claim(format!("source:{}", s.name), "source") else {
                 continue;
-            }
+            };
             if postgres::running_pid(&self.mountpoint(&s.volume).join(PGDATA_DIR)).is_none() {
                 match self.start_source(&s.name) {
                     Ok(()) => tracing::warn!(source = %s.name, "standby was down: restarted"),
@@ -871,9 +874,10 @@ impl ControlPlane {
                 continue;
             }
             if let RefreshMode::Every { seconds } = s.refresh {
-                let due = s.last_refresh_unix.map(|l| l + seconds).unwrap_or(0);
+                // A failed refresh is tried again an interval later, not every second.
+                let due = s.last_attempt_unix.map(|l| l + seconds).unwrap_or(0);
                 if now >= due
-                    && let Err(e) = self.refresh_inner(&s.name)
+                    && let Err(e) = self.record_refresh(&s.name, self.refresh_locked(&s.name))
                 {
                     tracing::warn!(source = %s.name, error = %e, "scheduled refresh failed");
                 }
@@ -1089,6 +1093,7 @@ mod tests {
                 attachment: None,
                 created_unix: 0,
                 last_refresh_unix: None,
+                last_attempt_unix: None,
                 last_error: None,
             },
         );
