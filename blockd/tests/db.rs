@@ -645,10 +645,26 @@ fn clones_come_back_after_the_daemon_is_killed() {
     site.restart(false);
     // Until the daemon has cleaned up after the crash, the old servers (on storage that
     // died with the daemon) are not reported as running, and the clones are not touched.
+    // (On a loaded machine reconcile may already be done with y: then the log says so.)
+    let adopted = |site: &Site| site.log().contains("clone adopted: running again clone=y");
     let early = site.clone_show("y");
-    assert_eq!(early["state"], "starting", "{early}");
-    let e = site.cli_err(&["clone", "stop", "y"]);
-    assert_contains(&e, &["busy", "retry"]);
+    if early["state"] != "starting" {
+        assert!(
+            adopted(&site),
+            "y is {} before reconcile adopted it",
+            early["state"]
+        );
+    }
+    let stop = site.cli(&["clone", "stop", "y"]);
+    if stop.status.success() {
+        assert!(
+            adopted(&site),
+            "clone stop y went through before reconcile adopted it"
+        );
+        site.cli_ok(&["clone", "start", "y"]);
+    } else {
+        assert_contains(&String::from_utf8_lossy(&stop.stderr), &["busy", "retry"]);
+    }
     for (name, before) in [("x", &x), ("y", &y)] {
         let v = site.wait_state(name, "running", Duration::from_secs(120));
         assert_eq!(v["port"], before["port"]);

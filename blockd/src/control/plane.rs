@@ -404,6 +404,18 @@ impl ControlPlane {
         Ok(id)
     }
 
+    /// Detaches a volume and waits (up to 10 s) until the server has let go of every NBD
+    /// connection the attachment had: nbdfuse exits before the server has seen all of its
+    /// connections close, and the volume cannot be deleted or reset while one is open.
+    pub(super) fn detach(&self, a: &Attachment, volume: &str) -> host::HostResult<()> {
+        let r = host::detach(a);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.store.open_handles(volume).is_ok_and(|n| n > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        r
+    }
+
     /// Refuses a name whose PostgreSQL socket path (in the run directory of `volume`) would
     /// be longer than Unix allows: the server could not start.
     pub(super) fn check_socket_path(&self, what: &str, name: &str, volume: &str) -> CResult<()> {
@@ -752,7 +764,7 @@ impl ControlPlane {
             let _ = pg.stop(&mnt.join(PGDATA_DIR), "immediate");
         }
         let unmounted = host::unmount(&mnt);
-        let detached = host::detach(&att);
+        let detached = self.detach(&att, volume);
         inner?;
         unmounted?;
         detached?;
@@ -1087,7 +1099,7 @@ impl ControlPlane {
             first_err.get_or_insert(e.into());
         }
         if let Some(att) = &rec.attachment
-            && let Err(e) = host::detach(att)
+            && let Err(e) = self.detach(att, &rec.volume)
         {
             first_err.get_or_insert(e.into());
         }

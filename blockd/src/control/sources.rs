@@ -386,7 +386,7 @@ impl ControlPlane {
             first.get_or_insert(e.into());
         }
         if let Some(a) = &src.attachment
-            && let Err(e) = host::detach(a)
+            && let Err(e) = self.detach(a, &src.volume)
         {
             first.get_or_insert(e.into());
         }
@@ -699,7 +699,7 @@ impl ControlPlane {
             let _ = pg.stop(&mnt.join(PGDATA_DIR), "immediate");
         }
         let _ = host::unmount(&mnt);
-        let _ = host::detach(&att);
+        let _ = self.detach(&att, &volume);
         let _ = std::fs::remove_dir_all(&run);
         if let Err(e) = inner {
             let _ = self.store.delete_volume(&volume);

@@ -708,6 +708,12 @@ impl Store {
         }
     }
 
+    /// How many NBD connections hold volume `name` open.
+    pub fn open_handles(&self, name: &str) -> Result<u64> {
+        let v = self.volume_by_name(name)?;
+        Ok(v.handles.load(Ordering::Acquire) as u64)
+    }
+
     /// (name, size, read-only) of every export: volumes and visible snapshots.
     pub fn exports(&self) -> Vec<(String, u64, bool)> {
         let mut out: Vec<(String, u64, bool)> = self
