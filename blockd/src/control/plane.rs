@@ -22,6 +22,7 @@ use serde::Serialize;
 use super::host::{self, HostError, NbdEndpoint};
 use super::model::*;
 use super::postgres::{self, PGDATA_DIR, Pg};
+use crate::metrics::ControlMetrics;
 use crate::names::Name;
 use crate::store::engine::Store;
 use crate::store::{ErrorKind, StoreError};
@@ -183,6 +184,7 @@ pub struct ControlPlane {
     jobs: Mutex<BTreeMap<u64, Job>>,
     next_job: AtomicU64,
     stopping: AtomicBool,
+    metrics: ControlMetrics,
 }
 
 /// Marks a name busy while it lives.
@@ -253,6 +255,7 @@ impl ControlPlane {
             jobs: Mutex::new(BTreeMap::new()),
             next_job: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
+            metrics: ControlMetrics::new(),
         }))
     }
 
@@ -494,6 +497,8 @@ impl ControlPlane {
             .spawn(move || {
                 let started = Instant::now();
                 let result = me.build_image(id, &req, size, lifetime, &fs);
+                let outcome = if result.is_ok() { "ok" } else { "failed" };
+                me.metrics.image_builds.with_label_values(&[outcome]).inc();
                 let mut jobs = me.jobs.lock();
                 if let Some(j) = jobs.get_mut(&id) {
                     j.seconds = started.elapsed().as_secs_f64();
@@ -721,10 +726,11 @@ impl ControlPlane {
 
     // ------------------------------------------------------------ clones
 
-    fn clone_view(&self, c: &CloneRec) -> CloneView {
+    /// running, starting, down or stopped (the values of `metrics::CLONE_STATES`).
+    fn clone_state(&self, c: &CloneRec) -> &'static str {
         let up = c.attachment.is_some()
             && postgres::running_pid(&self.mountpoint(&c.volume).join(PGDATA_DIR)).is_some();
-        let state = match (c.desired, up) {
+        match (c.desired, up) {
             (Desired::Running, true) => "running",
             (Desired::Running, false)
                 if self.busy.lock().contains(&format!("clone:{}", c.name)) =>
@@ -733,7 +739,11 @@ impl ControlPlane {
             }
             (Desired::Running, false) => "down",
             (Desired::Stopped, _) => "stopped",
-        };
+        }
+    }
+
+    fn clone_view(&self, c: &CloneRec) -> CloneView {
+        let state = self.clone_state(c);
         let host = if self.cfg.listen_address == "0.0.0.0" || self.cfg.listen_address == "*" {
             "127.0.0.1".to_string()
         } else {
@@ -852,6 +862,7 @@ impl ControlPlane {
         port: Option<u16>,
         lifetime: Option<&str>,
     ) -> CResult<CloneView> {
+        let started = Instant::now();
         Name::parse("clone", name).map_err(|e| cerr(Kind::Invalid, e.to_string()))?;
         let lifetime = match lifetime {
             Some(l) => parse_lifetime(l).map_err(|e| cerr(Kind::Invalid, e))?,
@@ -910,7 +921,12 @@ impl ControlPlane {
             });
             return Err(e);
         }
-        tracing::info!(clone = %name, image = %image, port = rec.port, "clone running");
+        let ready = started.elapsed();
+        self.metrics
+            .clone_ready_seconds
+            .observe(ready.as_secs_f64());
+        tracing::info!(clone = %name, image = %image, port = rec.port,
+            seconds = ready.as_secs_f64(), "clone running");
         self.show_clone(caller, name)
     }
 
@@ -1238,7 +1254,7 @@ impl ControlPlane {
                 continue;
             };
             match self.delete_clone_inner(c) {
-                Ok(()) => tracing::info!(clone = %c.name, "expired clone deleted"),
+                Ok(()) => self.expired("clone", &c.name),
                 Err(e) => {
                     tracing::warn!(clone = %c.name, error = %e, "could not delete expired clone")
                 }
@@ -1254,12 +1270,21 @@ impl ControlPlane {
                 continue;
             }
             match self.delete_image(&Caller::anonymous_admin(), &i.name) {
-                Ok(()) => tracing::info!(image = %i.name, "expired image deleted"),
+                Ok(()) => self.expired("image", &i.name),
                 Err(e) => {
                     tracing::warn!(image = %i.name, error = %e, "could not delete expired image")
                 }
             }
         }
+    }
+
+    /// Counts and logs a deletion made because a lifetime ran out.
+    fn expired(&self, kind: &str, name: &str) {
+        self.metrics
+            .expired_deletions
+            .with_label_values(&[kind])
+            .inc();
+        tracing::info!(kind, name, "expired {kind} deleted");
     }
 
     /// Runs `expire` periodically and reconciles once at start.
@@ -1281,9 +1306,40 @@ impl ControlPlane {
             });
     }
 
+    /// The control plane's metric families, for the daemon's registry.
+    pub fn metrics(&self) -> &ControlMetrics {
+        &self.metrics
+    }
+
+    /// Sets the state gauges (images and clones by state) from the control state: called at
+    /// scrape time.
+    pub fn update_metrics(&self) {
+        let st = self.snapshot_state();
+        let mut images: Vec<(&str, usize)> = Vec::new();
+        for i in st.images.values() {
+            let s = match i.state {
+                ImageState::Building => "building",
+                ImageState::Ready => "ready",
+            };
+            bump(&mut images, s);
+        }
+        let mut clones: Vec<(&str, usize)> = Vec::new();
+        for c in st.clones.values() {
+            bump(&mut clones, self.clone_state(c));
+        }
+        self.metrics.set_states(&images, &clones);
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         let st = self.state.lock();
         (st.images.len(), st.clones.len())
+    }
+}
+
+fn bump<'a>(counts: &mut Vec<(&'a str, usize)>, key: &'a str) {
+    match counts.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((key, 1)),
     }
 }
 
