@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use super::client::{Client, path_segment};
+use super::progress::Progress;
 use super::table::Table;
 use super::{Output, print_json};
 use crate::control::model::{ImageDefinition, ImageRequest, ScriptBody};
@@ -89,13 +89,7 @@ pub fn image_create(c: &Client, out: Output, file: &Path) -> Result<()> {
     let req = read_definition(file)?;
     let started = c.post("/v1/images", &serde_json::to_value(&req)?)?;
     let job = n(&started, "job");
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(120));
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut pb = Progress::steps(&format!("building image {}", req.name), out);
     let mut shown = 0;
     let result = loop {
         let j = c.get(&format!("/v1/jobs/{job}"))?;
@@ -105,11 +99,7 @@ pub fn image_create(c: &Client, out: Output, file: &Path) -> Result<()> {
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         for step in &steps[shown..] {
-            if tty {
-                pb.set_message(step.to_string());
-            } else if out == Output::Table {
-                eprintln!("building image {}: {step}", req.name);
-            }
+            pb.step(step);
         }
         shown = steps.len();
         match s(&j, "state") {
@@ -124,7 +114,7 @@ pub fn image_create(c: &Client, out: Output, file: &Path) -> Result<()> {
             }
         }
     };
-    pb.finish_and_clear();
+    pb.finish();
     let j = result?;
     let img = c.get(&format!("/v1/images/{}", path_segment(&req.name)))?;
     match out {

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod db;
 pub mod nbd_client;
+pub mod progress;
 pub mod table;
 pub mod transfer;
 
