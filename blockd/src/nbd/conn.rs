@@ -446,6 +446,9 @@ impl Exec {
         let Some(queue) = self.commit.clone() else {
             return self.error_reply(req.cookie, EIO, "connection is closing");
         };
+        // Counted before the commit thread can answer it, so the gauge never dips below 0.
+        let in_flight = self.metrics.shared().in_flight.clone();
+        in_flight.inc();
         let sent = match queue.try_send(pending) {
             Ok(()) => true,
             // A full queue blocks here; send what is batched first so the client can make
@@ -458,8 +461,8 @@ impl Exec {
         };
         if sent {
             self.deferred = true;
-            self.metrics.shared().in_flight.inc();
         } else {
+            in_flight.dec();
             self.error_reply(req.cookie, EIO, "connection is closing");
         }
     }
