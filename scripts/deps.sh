@@ -12,6 +12,7 @@ NEEDED=(
   mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fusermount3:fuse3 losetup:mount
   python3:python3 curl:curl c++:g++ mkfs.xfs:xfsprogs runuser:util-linux
   psql:postgresql-client-15 pgbench:postgresql-client-15
+  promtool:prometheus
 )
 # Python module needed by the negative tests (Debian's python3, not a pyenv one).
 PY_MODULES=(nbd:python3-libnbd)

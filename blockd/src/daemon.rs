@@ -15,6 +15,7 @@ use crate::control::host::NbdEndpoint;
 use crate::control::plane::{ControlPlane, PlaneConfig};
 use crate::exports::Exports;
 use crate::fsutil::{self, LockFile};
+use crate::metrics::{Metrics, NbdMetrics};
 use crate::nbd::Limits;
 use crate::nbd::server::Server;
 use crate::store::catalog::Config;
@@ -87,7 +88,8 @@ async fn serve(
     exports: Arc<Exports>,
     compactor: Option<std::thread::JoinHandle<()>>,
 ) -> Result<()> {
-    let server = Server::new(exports.clone(), cfg.limits.clone());
+    let nbd_metrics = Arc::new(NbdMetrics::new());
+    let server = Server::new(exports.clone(), cfg.limits.clone(), nbd_metrics.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
@@ -129,7 +131,10 @@ async fn serve(
         },
     )
     .map_err(|e| anyhow!("opening the control plane: {e}"))?;
+    let metrics = Metrics::new(nbd_metrics, exports.store().metrics(), plane.metrics())
+        .context("registering the metrics")?;
     let app = api::router(Arc::new(AppState {
+        metrics: Arc::new(metrics),
         store: exports.store().clone(),
         plane: plane.clone(),
         nbd_tcp: nbd_addr.map(|a| a.to_string()),

@@ -9,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod exports;
 pub mod fsutil;
+pub mod metrics;
 pub mod names;
 pub mod nbd;
 pub mod size;

@@ -136,3 +136,46 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn import_and_export_print_plain_output_when_not_on_a_terminal() {
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("in.raw");
+    std::fs::write(&raw, common::pattern(7, 4 << 20)).expect("image");
+    let out_file = dir.path().join("out.raw");
+    for args in [
+        vec![
+            "volume",
+            "import",
+            "plain",
+            "--from",
+            raw.to_str().expect("utf-8"),
+        ],
+        vec![
+            "volume",
+            "export",
+            "plain",
+            "--to",
+            out_file.to_str().expect("utf-8"),
+        ],
+    ] {
+        // The harness pipes stdout and stderr: no bar, no escape sequences, just the result.
+        let out = d.cli(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        for text in [&stdout, &stderr] {
+            assert!(
+                !text.contains('\x1b') && !text.contains("=>"),
+                "{args:?}: {text:?}"
+            );
+            assert!(!text.contains('\r'), "{args:?}: {text:?}");
+        }
+        assert!(stdout.contains("plain"), "{args:?}: {stdout}");
+    }
+    assert_eq!(
+        std::fs::read(&out_file).expect("exported"),
+        std::fs::read(&raw).expect("imported")
+    );
+}

@@ -249,6 +249,21 @@ fn as_postgres_psql(socket_dir: &Path, sql: &str) -> String {
     .to_string()
 }
 
+/// The value of `NAME{source="SOURCE"}` on the daemon's /metrics, if present.
+fn source_metric(site: &Site, name: &str, source: &str) -> Option<f64> {
+    let url = format!("http://{}/metrics", site.api);
+    let text = ureq::get(&url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .body_mut()
+        .read_to_string()
+        .expect("metrics body");
+    let prefix = format!("{name}{{source=\"{source}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().expect("a number"))
+}
+
 // ------------------------------------------------------------------ tests
 
 /// The main path: create a source, write with pgbench, refresh while a writer commits one
@@ -464,6 +479,14 @@ fn the_standby_survives_primary_and_daemon_restarts() {
     let def = s.definition("ha", &pw, "refresh: manual\n");
     site.json(&["source", "create", "-f", &def.display().to_string()]);
 
+    site.json(&["source", "show", "ha"]);
+    assert_eq!(
+        source_metric(&site, "blockd_source_streaming", "ha"),
+        Some(1.0)
+    );
+    let refreshed = source_metric(&site, "blockd_source_last_refresh_timestamp_seconds", "ha")
+        .expect("last refresh time of ha on /metrics");
+    assert!((refreshed - now_unix() as f64).abs() < 120.0, "{refreshed}");
     s.primary.stop();
     wait_source(
         &site,
@@ -471,6 +494,11 @@ fn the_standby_survives_primary_and_daemon_restarts() {
         Duration::from_secs(30),
         "notice the primary is gone",
         |v| v["state"] == "disconnected",
+    );
+    // `source show` measured it: the gauge says so too.
+    assert_eq!(
+        source_metric(&site, "blockd_source_streaming", "ha"),
+        Some(0.0)
     );
     s.primary.start_again();
     s.append(7);
@@ -488,6 +516,14 @@ fn the_standby_survives_primary_and_daemon_restarts() {
         },
     );
     assert_eq!(v["lag_bytes"], 0, "{v:#}");
+    assert_eq!(
+        source_metric(&site, "blockd_source_lag_bytes", "ha"),
+        Some(0.0)
+    );
+    assert_eq!(
+        source_metric(&site, "blockd_source_streaming", "ha"),
+        Some(1.0)
+    );
     assert_eq!(
         standby_psql(&site, "ha", "SELECT count(*) FROM ledger"),
         "17"

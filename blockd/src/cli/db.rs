@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use super::client::{Client, path_segment};
+use super::progress::Progress;
 use super::table::Table;
 use super::{Output, print_json};
 use crate::control::model::{ImageDefinition, ImageRequest, ScriptBody};
@@ -95,13 +95,7 @@ pub fn read_definition(file: &Path) -> Result<ImageRequest> {
 /// Follows a job (`GET /v1/jobs/ID`) until it ends: its steps on a spinner on a terminal,
 /// as plain lines otherwise. Returns the finished job, or its error.
 pub(super) fn wait_job(c: &Client, out: Output, job: u64, what: &str) -> Result<Value> {
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(120));
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut pb = Progress::steps(what, out);
     let mut shown = 0;
     let result = loop {
         let j = c.get(&format!("/v1/jobs/{job}"))?;
@@ -111,11 +105,7 @@ pub(super) fn wait_job(c: &Client, out: Output, job: u64, what: &str) -> Result<
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         for step in &steps[shown.min(steps.len())..] {
-            if tty {
-                pb.set_message(step.to_string());
-            } else if out == Output::Table {
-                eprintln!("{what}: {step}");
-            }
+            pb.step(step);
         }
         shown = steps.len();
         match s(&j, "state") {
@@ -124,7 +114,7 @@ pub(super) fn wait_job(c: &Client, out: Output, job: u64, what: &str) -> Result<
             _ => break Err(anyhow!("{what} failed: {}", s(&j, "error"))),
         }
     };
-    pb.finish_and_clear();
+    pb.finish();
     result
 }
 

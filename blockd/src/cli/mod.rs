@@ -3,6 +3,7 @@
 pub mod client;
 pub mod db;
 pub mod nbd_client;
+pub mod progress;
 pub mod source;
 pub mod table;
 pub mod transfer;
@@ -251,11 +252,12 @@ pub fn compact(c: &Client, out: Output) -> Result<()> {
     let v = c.post("/v1/compact", &json!({}))?;
     print(out, &v, |v| {
         println!(
-            "compaction: {} segments rewritten ({} copied), {} removed, {} punched",
+            "compaction: {} segments rewritten ({} copied), {} removed, {} punched, {} freed",
             u64_of(v, "segments_rewritten"),
             format_size(u64_of(v, "bytes_copied")),
             u64_of(v, "segments_removed"),
-            format_size(u64_of(v, "bytes_punched"))
+            format_size(u64_of(v, "bytes_punched")),
+            format_size(u64_of(v, "bytes_reclaimed"))
         )
     });
     Ok(())

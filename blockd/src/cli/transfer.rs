@@ -11,31 +11,17 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use super::client::{Client, path_segment};
 use super::nbd_client::{NbdClient, WINDOW};
+use super::progress::Progress;
 use super::{Output, print_json};
 use crate::size::format_size;
 
 /// Bytes read from the file or the server per request.
 const CHUNK_BYTES: usize = 1 << 20;
 const BLOCK_BYTES: usize = 4096;
-
-fn progress(total: u64, what: &str) -> ProgressBar {
-    // indicatif draws nothing when stderr is not a terminal.
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
 
 fn endpoints(c: &Client) -> Result<(Option<String>, Option<String>)> {
     let info = c.get("/v1/info")?;
@@ -90,7 +76,7 @@ pub fn import(c: &Client, out: Output, name: &str, from: &Path) -> Result<()> {
     let result = (|| -> Result<u64> {
         let (tcp, socket) = endpoints(c)?;
         let mut nbd = NbdClient::connect(tcp.as_deref(), socket.as_deref(), name, false)?;
-        let pb = progress(size, &format!("importing {name}"));
+        let mut pb = Progress::bytes(size, &format!("importing {name}"), out);
         let mut written = 0u64;
         let mut done = 0u64;
         for (start, len) in data_ranges(&f, size) {
@@ -138,7 +124,7 @@ pub fn import(c: &Client, out: Output, name: &str, from: &Path) -> Result<()> {
         }
         nbd.flush()?;
         nbd.disconnect();
-        pb.finish_and_clear();
+        pb.finish();
         let _ = done;
         Ok(written)
     })();
@@ -195,7 +181,7 @@ pub fn export(c: &Client, out: Output, name: &str, to: &Path, force: bool) -> Re
         .open(to)
         .with_context(|| format!("cannot create {}", to.display()))?;
     f.set_len(size)?;
-    let pb = progress(size, &format!("exporting {name}"));
+    let mut pb = Progress::bytes(size, &format!("exporting {name}"), out);
     let mut pos = 0u64;
     let mut data_bytes = 0u64;
     while pos < size {
@@ -238,7 +224,7 @@ pub fn export(c: &Client, out: Output, name: &str, to: &Path, force: bool) -> Re
     f.sync_all()
         .with_context(|| format!("syncing {}", to.display()))?;
     nbd.disconnect();
-    pb.finish_and_clear();
+    pb.finish();
     match out {
         Output::Json => print_json(
             &json!({ "exported": name, "to": to.display().to_string(), "size_bytes": size, "data_bytes": data_bytes }),

@@ -25,6 +25,8 @@ use crate::store::{ErrorKind, StoreError};
 
 pub struct AppState {
     pub store: Arc<Store>,
+    /// The registry `/metrics` renders.
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub plane: Arc<super::plane::ControlPlane>,
     /// Where NBD clients connect (for `volume import/export` and users).
     pub nbd_tcp: Option<String>,
@@ -38,6 +40,9 @@ const RESERVED_PREFIXES: [&str; 4] = ["img.", "cln.", "src.", "rev."];
 
 pub fn router(state: Arc<AppState>) -> Router {
     let plane = state.plane.clone();
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state.clone());
     let storage = Router::new()
         .route("/v1/info", get(info))
         .route("/v1/df", get(df))
@@ -54,6 +59,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state);
     Router::new()
         .route("/v1/health", get(health))
+        .merge(metrics)
         .merge(storage)
         .merge(super::db_api::routes(plane.clone()))
         .fallback(not_found)
@@ -61,6 +67,35 @@ pub fn router(state: Arc<AppState>) -> Router {
             plane,
             super::auth::middleware,
         ))
+}
+
+/// Prometheus exposition (no token needed, like health). Gathering reads the store's
+/// state and the clones' pid files, so it runs on the blocking pool.
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let rendered =
+        tokio::task::spawn_blocking(move || st.metrics.render(&st.store, &st.plane)).await;
+    match rendered {
+        Ok(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        Ok(Err(e)) => ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "internal",
+            message: format!("could not encode the metrics: {e}; please report this as a bug"),
+        }
+        .into_response(),
+        Err(e) => ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "internal",
+            message: format!("gathering the metrics failed: {e}; see the daemon's log"),
+        }
+        .into_response(),
+    }
 }
 
 /// Storage-level routes manage every volume: admins only.

@@ -22,6 +22,7 @@ use serde::Serialize;
 use super::host::{self, Attachment, HostError, NbdEndpoint};
 use super::model::*;
 use super::postgres::{self, PGDATA_DIR, Pg};
+use crate::metrics::ControlMetrics;
 use crate::names::Name;
 use crate::store::engine::Store;
 use crate::store::{ErrorKind, StoreError};
@@ -187,8 +188,11 @@ pub struct ControlPlane {
     /// their records say is attached (and running) is left from the previous run.
     recovering: Mutex<HashSet<String>>,
     jobs: Mutex<BTreeMap<u64, Job>>,
+    /// When each source's replication lag was last measured (for its gauges).
+    pub(super) lag_measured: Mutex<std::collections::HashMap<String, Instant>>,
     next_job: AtomicU64,
     stopping: AtomicBool,
+    metrics: ControlMetrics,
 }
 
 /// Marks a name busy while it lives.
@@ -265,8 +269,10 @@ impl ControlPlane {
             busy: Mutex::new(names.iter().map(|n| format!("clone:{n}")).collect()),
             recovering: Mutex::new(names.into_iter().collect()),
             jobs: Mutex::new(BTreeMap::new()),
+            lag_measured: Mutex::new(std::collections::HashMap::new()),
             next_job: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
+            metrics: ControlMetrics::new(),
         }))
     }
 
@@ -617,7 +623,10 @@ impl ControlPlane {
         let me = self.clone();
         let name = req.name.clone();
         self.start_job("image", &name, format!("image:{name}"), move |id| {
-            me.build_image(id, &req, size, lifetime, &fs)
+            let result = me.build_image(id, &req, size, lifetime, &fs);
+            let outcome = if result.is_ok() { "ok" } else { "failed" };
+            me.metrics.image_builds.with_label_values(&[outcome]).inc();
+            result
         })
     }
 
@@ -839,13 +848,14 @@ impl ControlPlane {
 
     // ------------------------------------------------------------ clones
 
-    fn clone_view(&self, c: &CloneRec) -> CloneView {
+    /// running, starting, down or stopped (the values of `metrics::CLONE_STATES`).
+    fn clone_state(&self, c: &CloneRec) -> &'static str {
         let pgdata = self.mountpoint(&c.volume).join(PGDATA_DIR);
         // Running means accepting connections: a server still starting up (or recovering
         // after a crash) is "starting".
         let recovering = self.recovering.lock().contains(&c.name);
         let ready = !recovering && c.attachment.is_some() && postgres::is_ready(&pgdata);
-        let state = match (c.desired, ready) {
+        match (c.desired, ready) {
             (Desired::Running, true) => "running",
             (Desired::Running, false) if recovering => "starting",
             (Desired::Running, false)
@@ -856,7 +866,11 @@ impl ControlPlane {
             }
             (Desired::Running, false) => "down",
             (Desired::Stopped, _) => "stopped",
-        };
+        }
+    }
+
+    fn clone_view(&self, c: &CloneRec) -> CloneView {
+        let state = self.clone_state(c);
         let host = if self.cfg.listen_address == "0.0.0.0" || self.cfg.listen_address == "*" {
             "127.0.0.1".to_string()
         } else {
@@ -975,6 +989,7 @@ impl ControlPlane {
         port: Option<u16>,
         lifetime: Option<&str>,
     ) -> CResult<CloneView> {
+        let started = Instant::now();
         Name::parse("clone", name).map_err(|e| cerr(Kind::Invalid, e.to_string()))?;
         let lifetime = match lifetime {
             Some(l) => parse_lifetime(l).map_err(|e| cerr(Kind::Invalid, e))?,
@@ -1024,7 +1039,12 @@ impl ControlPlane {
             });
             return Err(e);
         }
-        tracing::info!(clone = %name, from = %rec.image, port = rec.port, "clone running");
+        let ready = started.elapsed();
+        self.metrics
+            .clone_ready_seconds
+            .observe(ready.as_secs_f64());
+        tracing::info!(clone = %name, from = %rec.image, port = rec.port,
+            seconds = ready.as_secs_f64(), "clone running");
         self.show_clone(caller, name)
     }
 
@@ -1373,7 +1393,7 @@ impl ControlPlane {
                 continue;
             };
             match self.delete_clone_inner(c) {
-                Ok(()) => tracing::info!(clone = %c.name, "expired clone deleted"),
+                Ok(()) => self.expired("clone", &c.name),
                 Err(e) => {
                     tracing::warn!(clone = %c.name, error = %e, "could not delete expired clone")
                 }
@@ -1389,12 +1409,21 @@ impl ControlPlane {
                 continue;
             }
             match self.delete_image(&Caller::anonymous_admin(), &i.name) {
-                Ok(()) => tracing::info!(image = %i.name, "expired image deleted"),
+                Ok(()) => self.expired("image", &i.name),
                 Err(e) => {
                     tracing::warn!(image = %i.name, error = %e, "could not delete expired image")
                 }
             }
         }
+    }
+
+    /// Counts and logs a deletion made because a lifetime ran out.
+    fn expired(&self, kind: &str, name: &str) {
+        self.metrics
+            .expired_deletions
+            .with_label_values(&[kind])
+            .inc();
+        tracing::info!(kind, name, "expired {kind} deleted");
     }
 
     /// Runs `expire` periodically and reconciles once at start.
@@ -1425,9 +1454,40 @@ impl ControlPlane {
             });
     }
 
+    /// The control plane's metric families, for the daemon's registry.
+    pub fn metrics(&self) -> &ControlMetrics {
+        &self.metrics
+    }
+
+    /// Sets the state gauges (images and clones by state) from the control state: called at
+    /// scrape time.
+    pub fn update_metrics(&self) {
+        let st = self.snapshot_state();
+        let mut images: Vec<(&str, usize)> = Vec::new();
+        for i in st.images.values() {
+            let s = match i.state {
+                ImageState::Building => "building",
+                ImageState::Ready => "ready",
+            };
+            bump(&mut images, s);
+        }
+        let mut clones: Vec<(&str, usize)> = Vec::new();
+        for c in st.clones.values() {
+            bump(&mut clones, self.clone_state(c));
+        }
+        self.metrics.set_states(&images, &clones);
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         let st = self.state.lock();
         (st.images.len(), st.clones.len())
+    }
+}
+
+fn bump<'a>(counts: &mut Vec<(&'a str, usize)>, key: &'a str) {
+    match counts.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((key, 1)),
     }
 }
 

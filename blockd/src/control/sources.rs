@@ -37,6 +37,9 @@ fn now_unix() -> u64 {
 /// Unix socket in their own run directory only.
 const STANDBY_PORT: u16 = 5432;
 
+/// How often the sources thread measures each standby's lag for the metrics.
+const LAG_INTERVAL: Duration = Duration::from_secs(10);
+
 pub fn source_volume(source: &str) -> String {
     format!("src.{source}")
 }
@@ -447,41 +450,81 @@ impl ControlPlane {
         })
     }
 
+    /// Where the standby is and how far behind the primary; also sets the source's
+    /// gauges. Fields are None when the standby is down or does not answer.
+    fn replication(&self, src: &SourceRec) -> Replication {
+        let mut r = Replication::default();
+        if postgres::running_pid(&self.mountpoint(&src.volume).join(PGDATA_DIR)).is_none() {
+            self.set_gauges(&src.name, &r);
+            return r;
+        }
+        r.running = true;
+        let sql = format!(
+            "SELECT pg_last_wal_replay_lsn(), coalesce({}, ''), \
+             coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::text, ''), \
+             coalesce((SELECT status FROM pg_stat_wal_receiver), 'no receiver')",
+            utc_text("pg_last_xact_replay_timestamp()")
+        );
+        if let Ok(row) = self.standby_query(src, &sql) {
+            let f: Vec<&str> = row.trim().split('|').collect();
+            r.replay_lsn = f.first().filter(|s| !s.is_empty()).map(|s| s.to_string());
+            r.replay_timestamp = f.get(1).filter(|s| !s.is_empty()).map(|s| s.to_string());
+            r.lag_seconds = f.get(2).and_then(|s| s.parse::<f64>().ok());
+            r.streaming = f.get(3) == Some(&"streaming");
+        }
+        if let Some(replayed) = r.replay_lsn.as_deref().and_then(lsn_value)
+            && let Some(primary) = self.primary_lsn(src).ok().as_deref().and_then(lsn_value)
+        {
+            r.lag_bytes = Some(primary.saturating_sub(replayed));
+            // Caught up: no transaction is waiting, whatever the time since the last one.
+            if r.lag_bytes == Some(0) {
+                r.lag_seconds = Some(0.0);
+            }
+        }
+        self.set_gauges(&src.name, &r);
+        r
+    }
+
+    fn set_gauges(&self, name: &str, r: &Replication) {
+        let m = self.metrics();
+        m.source_streaming
+            .with_label_values(&[name])
+            .set(if r.streaming { 1.0 } else { 0.0 });
+        match r.lag_bytes {
+            Some(b) => m.source_lag_bytes.with_label_values(&[name]).set(b as f64),
+            None => {
+                let _ = m.source_lag_bytes.remove_label_values(&[name]);
+            }
+        }
+        match r.lag_seconds {
+            Some(sec) => m.source_lag_seconds.with_label_values(&[name]).set(sec),
+            None => {
+                let _ = m.source_lag_seconds.remove_label_values(&[name]);
+            }
+        }
+    }
+
+    /// Forgets a deleted source's series.
+    fn drop_gauges(&self, name: &str) {
+        let m = self.metrics();
+        for g in [
+            &m.source_streaming,
+            &m.source_lag_bytes,
+            &m.source_lag_seconds,
+            &m.source_last_refresh_timestamp_seconds,
+        ] {
+            let _ = g.remove_label_values(&[name]);
+        }
+    }
+
     pub fn show_source(&self, name: &str) -> CResult<SourceView> {
         let src = self.source_rec(name)?;
         let st = self.state.lock().clone();
-        let running =
-            postgres::running_pid(&self.mountpoint(&src.volume).join(PGDATA_DIR)).is_some();
-        let (mut replay_lsn, mut replay_ts, mut lag_bytes, mut lag_seconds) =
-            (None, None, None, None);
-        let mut receiver: Option<String> = None;
-        if running {
-            let sql = format!(
-                "SELECT pg_last_wal_replay_lsn(), coalesce({}, ''), \
-                 coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::text, ''), \
-                 coalesce((SELECT status FROM pg_stat_wal_receiver), 'no receiver')",
-                utc_text("pg_last_xact_replay_timestamp()")
-            );
-            if let Ok(row) = self.standby_query(&src, &sql) {
-                let f: Vec<&str> = row.trim().split('|').collect();
-                replay_lsn = f.first().filter(|s| !s.is_empty()).map(|s| s.to_string());
-                replay_ts = f.get(1).filter(|s| !s.is_empty()).map(|s| s.to_string());
-                lag_seconds = f.get(2).and_then(|s| s.parse::<f64>().ok());
-                receiver = f.get(3).map(|s| s.to_string());
-            }
-            if let (Some(r), Ok(p)) = (&replay_lsn, self.primary_lsn(&src))
-                && let Ok(diff) = self.standby_query(
-                    &src,
-                    &format!("SELECT pg_wal_lsn_diff('{p}', '{r}')::bigint"),
-                )
-            {
-                lag_bytes = diff.trim().parse::<i64>().ok().map(|d| d.max(0) as u64);
-                // Caught up: no transaction is waiting, whatever the time since the last one.
-                if lag_bytes == Some(0) {
-                    lag_seconds = Some(0.0);
-                }
-            }
-        }
+        let r = self.replication(&src);
+        let running = r.running;
+        let receiver = r.streaming.then(|| "streaming".to_string());
+        let (replay_lsn, replay_ts, lag_bytes, lag_seconds) =
+            (r.replay_lsn, r.replay_timestamp, r.lag_bytes, r.lag_seconds);
         let state = match (src.state, running) {
             (SourceState::Building, _) => "building",
             (SourceState::Ready, true) if receiver.as_deref() == Some("streaming") => "streaming",
@@ -559,6 +602,12 @@ impl ControlPlane {
 
     /// Notes the outcome of a refresh in the source's record.
     fn record_refresh(&self, name: &str, result: CResult<RevisionView>) -> CResult<RevisionView> {
+        if result.is_ok() {
+            self.metrics()
+                .source_last_refresh_timestamp_seconds
+                .with_label_values(&[name])
+                .set(now_unix() as f64);
+        }
         let err = result.as_ref().err().map(|e| e.message.clone());
         let n = name.to_string();
         let _ = self.update(|st| {
@@ -798,6 +847,8 @@ impl ControlPlane {
             st.sources.remove(name);
             Ok(())
         })?;
+        self.drop_gauges(name);
+        self.lag_measured.lock().remove(name);
         tracing::info!(source = %name, "source deleted");
         Ok(())
     }
@@ -807,6 +858,12 @@ impl ControlPlane {
     pub(crate) fn reconcile_sources(&self) {
         let sources: Vec<SourceRec> = self.state.lock().sources.values().cloned().collect();
         for s in sources {
+            if let Some(t) = s.last_refresh_unix {
+                self.metrics()
+                    .source_last_refresh_timestamp_seconds
+                    .with_label_values(&[&s.name])
+                    .set(t as f64);
+            }
             let mnt = self.mountpoint(&s.volume);
             if s.attachment.is_some() || host::is_mounted(&mnt) {
                 tracing::warn!(source = %s.name, "cleaning up a stale attachment");
@@ -872,6 +929,17 @@ impl ControlPlane {
                     }
                 }
                 continue;
+            }
+            let measure = self
+                .lag_measured
+                .lock()
+                .get(&s.name)
+                .is_none_or(|t| t.elapsed() >= LAG_INTERVAL);
+            if measure {
+                self.replication(s);
+                self.lag_measured
+                    .lock()
+                    .insert(s.name.clone(), std::time::Instant::now());
             }
             if let RefreshMode::Every { seconds } = s.refresh {
                 // A failed refresh is tried again an interval later, not every second.
@@ -946,6 +1014,23 @@ pub(super) fn resolve_revision(st: &ControlState, spec: &str) -> CResult<Option<
         snapshot: r.snapshot.clone(),
         promote: !r.masked,
     }))
+}
+
+/// The standby's replication state ([`ControlPlane::replication`]).
+#[derive(Debug, Default)]
+struct Replication {
+    running: bool,
+    streaming: bool,
+    replay_lsn: Option<String>,
+    replay_timestamp: Option<String>,
+    lag_bytes: Option<u64>,
+    lag_seconds: Option<f64>,
+}
+
+/// `0/3000148` as a number.
+fn lsn_value(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 fn source_not_found(name: &str) -> super::plane::ControlError {

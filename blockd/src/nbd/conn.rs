@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use nbd_proto::DecodeError;
 use nbd_proto::consts::*;
@@ -34,6 +35,7 @@ use super::Limits;
 use super::errno::errno_of;
 use super::handshake::Session;
 use super::stream::Stream;
+use crate::metrics::{ConnMetrics, ExportMetrics};
 use crate::store::{ExtentState, Volume, ZeroMode};
 
 /// Initial size of the input buffer: room for many small requests at once.
@@ -159,6 +161,8 @@ impl ReplyWriter {
 struct Pending {
     cookie: u64,
     command: Command,
+    /// When the request was read (for its latency).
+    arrived: Instant,
 }
 
 /// Why the transmission phase ended.
@@ -175,8 +179,13 @@ pub enum End {
 }
 
 /// Runs the transmission phase until the client leaves, then completes everything in
-/// flight and flushes the volume if this connection wrote to it.
-pub fn serve(stream: Stream, session: Session, limits: &Limits) -> End {
+/// flight and flushes the volume if this connection wrote to it. Counts into `metrics`.
+pub fn serve(
+    stream: Stream,
+    session: Session,
+    limits: &Limits,
+    metrics: &Arc<ExportMetrics>,
+) -> End {
     let writer = match stream.try_clone() {
         Ok(w) => Arc::new(ReplyWriter {
             stream: Mutex::new(w),
@@ -190,10 +199,11 @@ pub fn serve(stream: Stream, session: Session, limits: &Limits) -> End {
         let writer = writer.clone();
         let structured = session.structured;
         let volume = volume.clone();
+        let metrics = metrics.clone();
         std::thread::Builder::new()
             .name("nbd-commit".into())
             .stack_size(128 * 1024)
-            .spawn(move || commit_loop(commit_rx, &*volume, &writer, structured))
+            .spawn(move || commit_loop(commit_rx, &*volume, &writer, structured, &metrics))
     };
     let commit_thread = match commit_thread {
         Ok(t) => t,
@@ -211,6 +221,7 @@ pub fn serve(stream: Stream, session: Session, limits: &Limits) -> End {
             buf: vec![0; INPUT_BUFFER_BYTES],
             start: 0,
             end: 0,
+            arrived: Instant::now(),
         },
         exec: Exec {
             volume,
@@ -220,6 +231,10 @@ pub fn serve(stream: Stream, session: Session, limits: &Limits) -> End {
             commit: Some(commit_tx),
             dirty: false,
             batch_bytes: limits.reply_batch_bytes,
+            metrics: metrics.local(),
+            unsent: 0,
+            deferred: false,
+            arrived: Instant::now(),
         },
     };
     let end = conn.run();
@@ -232,6 +247,8 @@ struct Input {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// When the last read returned: the requests it completed arrived then.
+    arrived: Instant,
 }
 
 impl Input {
@@ -255,6 +272,7 @@ impl Input {
                 Ok(0) => return Ok(false),
                 Ok(n) => {
                     self.end += n;
+                    self.arrived = Instant::now();
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -284,6 +302,13 @@ struct Exec {
     commit: Option<SyncSender<Pending>>,
     dirty: bool,
     batch_bytes: usize,
+    metrics: ConnMetrics,
+    /// Requests answered in the reply batch not sent yet.
+    unsent: i64,
+    /// Set when the request being handled went to the commit thread.
+    deferred: bool,
+    /// When the request being handled was read.
+    arrived: Instant,
 }
 
 struct Conn {
@@ -320,7 +345,7 @@ impl Conn {
                 if !self.discard(payload_len as u64)? {
                     return Ok(End::Eof);
                 }
-                self.exec.handle(&req, &[]);
+                self.exec.handle(&req, &[], self.input.arrived);
                 continue;
             }
             let total = REQUEST_BYTES + payload_len;
@@ -332,7 +357,7 @@ impl Conn {
                 continue;
             }
             let payload = &self.input.buf[at + REQUEST_BYTES..at + total];
-            let disc = self.exec.handle(&req, payload);
+            let disc = self.exec.handle(&req, payload, self.input.arrived);
             self.input.consume(total);
             if disc {
                 return Ok(End::Disconnect);
@@ -371,16 +396,26 @@ impl Conn {
         {
             tracing::warn!(error = %e, "flush at disconnect failed");
         }
+        self.exec.metrics.publish();
         let _ = self.input.stream.shutdown(Shutdown::Both);
     }
 }
 
 impl Exec {
+    /// Sends the reply batch; also publishes the connection's counts, since the connection
+    /// may block on the socket next.
     fn send_batch(&mut self) -> io::Result<()> {
+        self.metrics.publish();
         if self.out.is_empty() {
             return Ok(());
         }
+        // Counted per batch, not per request: the gauge is shared by the export's
+        // connections.
+        let unsent = std::mem::take(&mut self.unsent);
+        let in_flight = &self.metrics.shared().in_flight;
+        in_flight.add(unsent);
         let result = self.writer.send(&self.out);
+        in_flight.sub(unsent);
         self.out.clear();
         if self.out.capacity() > SHRINK_ABOVE_BYTES {
             self.out.shrink_to(64 * 1024);
@@ -389,6 +424,7 @@ impl Exec {
     }
 
     fn error_reply(&mut self, cookie: u64, errno: u32, message: &str) {
+        self.metrics.shared().error(errno);
         if self.caps.structured {
             tx::encode_error_chunk(&mut self.out, cookie, errno, message, true);
         } else {
@@ -405,10 +441,14 @@ impl Exec {
         let pending = Pending {
             cookie: req.cookie,
             command: req.command,
+            arrived: self.arrived,
         };
         let Some(queue) = self.commit.clone() else {
             return self.error_reply(req.cookie, EIO, "connection is closing");
         };
+        // Counted before the commit thread can answer it, so the gauge never dips below 0.
+        let in_flight = self.metrics.shared().in_flight.clone();
+        in_flight.inc();
         let sent = match queue.try_send(pending) {
             Ok(()) => true,
             // A full queue blocks here; send what is batched first so the client can make
@@ -419,13 +459,29 @@ impl Exec {
             }
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
         };
-        if !sent {
+        if sent {
+            self.deferred = true;
+        } else {
+            in_flight.dec();
             self.error_reply(req.cookie, EIO, "connection is closing");
         }
     }
 
+    /// Runs one request and counts it. Returns true for NBD_CMD_DISC.
+    fn handle(&mut self, req: &Request, payload: &[u8], arrived: Instant) -> bool {
+        self.metrics.request(req.command);
+        self.deferred = false;
+        self.arrived = arrived;
+        let disc = self.run(req, payload);
+        if !self.deferred {
+            self.unsent += 1;
+            self.metrics.observe(req.command, arrived.elapsed());
+        }
+        disc
+    }
+
     /// Runs one request. Returns true for NBD_CMD_DISC.
-    fn handle(&mut self, req: &Request, payload: &[u8]) -> bool {
+    fn run(&mut self, req: &Request, payload: &[u8]) -> bool {
         if let Err(r) = check_request(req, &self.caps) {
             self.error_reply(req.cookie, r.errno, &r.message);
             return false;
@@ -469,6 +525,9 @@ impl Exec {
                 return false;
             }
         };
+        if result.is_ok() && req.command == Command::Write {
+            self.metrics.write_bytes(payload.len() as u64);
+        }
         match result {
             Err(e) => self.error_reply(req.cookie, errno_of(&e), &e.to_string()),
             Ok(()) if fua && req.command != Command::Cache => self.after_commit(req),
@@ -495,9 +554,12 @@ impl Exec {
         }
         let data_at = self.out.len();
         self.out.resize(data_at + len, 0);
-        if let Err(e) = self.volume.read(req.offset, &mut self.out[data_at..]) {
-            self.out.truncate(mark);
-            self.error_reply(req.cookie, errno_of(&e), &e.to_string());
+        match self.volume.read(req.offset, &mut self.out[data_at..]) {
+            Ok(()) => self.metrics.read_bytes(len as u64),
+            Err(e) => {
+                self.out.truncate(mark);
+                self.error_reply(req.cookie, errno_of(&e), &e.to_string());
+            }
         }
     }
 
@@ -545,7 +607,13 @@ impl Exec {
 }
 
 /// The commit thread: drains queued replies, flushes once for all of them, answers them.
-fn commit_loop(rx: Receiver<Pending>, volume: &dyn Volume, writer: &ReplyWriter, structured: bool) {
+fn commit_loop(
+    rx: Receiver<Pending>,
+    volume: &dyn Volume,
+    writer: &ReplyWriter,
+    structured: bool,
+    metrics: &ExportMetrics,
+) {
     let mut out = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -561,9 +629,14 @@ fn commit_loop(rx: Receiver<Pending>, volume: &dyn Volume, writer: &ReplyWriter,
                 }
                 Err(e) => tx::encode_simple_reply(&mut out, p.cookie, errno_of(e)),
             }
+            if let Err(e) = &result {
+                metrics.error(errno_of(e));
+            }
+            metrics.observe_shared(p.command, p.arrived.elapsed());
         }
         // On a dead socket keep draining so the reader never blocks on a full queue.
         let _ = writer.send(&out);
+        metrics.in_flight.sub(batch.len() as i64);
     }
 }
 

@@ -17,10 +17,12 @@ use super::conn::{self, End};
 use super::handshake::{self, HandshakeError};
 use super::stream::Stream;
 use super::{ExportSource, Limits};
+use crate::metrics::NbdMetrics;
 
 pub struct Server {
     source: Arc<dyn ExportSource>,
     limits: Limits,
+    metrics: Arc<NbdMetrics>,
     /// A handle on every live connection, used to wake them at shutdown.
     live: Mutex<HashMap<u64, Stream>>,
     active: AtomicUsize,
@@ -29,10 +31,15 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(source: Arc<dyn ExportSource>, limits: Limits) -> Arc<Server> {
+    pub fn new(
+        source: Arc<dyn ExportSource>,
+        limits: Limits,
+        metrics: Arc<NbdMetrics>,
+    ) -> Arc<Server> {
         Arc::new(Server {
             source,
             limits,
+            metrics,
             live: Mutex::new(HashMap::new()),
             active: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
@@ -150,14 +157,24 @@ impl Server {
         }
         let export = session.export.name.clone();
         tracing::info!(%export, %peer, structured = session.structured, "client connected");
-        let end = conn::serve(stream, session, &self.limits);
+        let metrics = self.metrics.export(&export);
+        metrics.connections.inc();
+        metrics.connections_total.inc();
+        let started = Instant::now();
+        let end = conn::serve(stream, session, &self.limits, &metrics);
+        metrics.connections.dec();
+        let seconds = started.elapsed().as_secs_f64();
         match end {
-            End::Disconnect | End::Eof => tracing::info!(%export, %peer, "client disconnected"),
+            End::Disconnect | End::Eof => {
+                tracing::info!(%export, %peer, seconds, "client disconnected")
+            }
             End::Protocol(e) => {
-                tracing::warn!(%export, %peer, error = %e, "client disconnected: protocol violation")
+                tracing::warn!(%export, %peer, seconds, error = %e,
+                    "client disconnected: protocol violation")
             }
             End::Io(e) => {
-                tracing::info!(%export, %peer, error = %e, "client disconnected: socket error")
+                tracing::info!(%export, %peer, seconds, error = %e,
+                    "client disconnected: socket error")
             }
         }
     }

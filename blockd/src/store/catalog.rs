@@ -204,6 +204,8 @@ pub struct Ctx {
     pub config: Config,
     catalog: Mutex<CatalogState>,
     next_segment: AtomicU64,
+    /// Counters of store events (flushes, compaction, GC), registered by the daemon.
+    pub metrics: crate::metrics::StoreMetrics,
 }
 
 pub fn catalog_path(dir: &Path) -> PathBuf {
@@ -247,6 +249,7 @@ impl Ctx {
             config,
             catalog: Mutex::new(CatalogState { cat, generation }),
             next_segment,
+            metrics: crate::metrics::StoreMetrics::new(),
         })
     }
 

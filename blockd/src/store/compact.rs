@@ -59,6 +59,8 @@ pub struct Report {
     pub segments_removed: u64,
     /// Bytes freed by punching.
     pub bytes_punched: u64,
+    /// Disk bytes freed in all: punched, plus what rewritten or dropped segments gave back.
+    pub bytes_reclaimed: u64,
 }
 
 /// Live (offset, len) ranges per segment, sorted, from one pass over a map.
@@ -131,6 +133,17 @@ fn wants_punch(seg: &Segment, state: &MapState, policy: &Policy) -> bool {
 impl Store {
     /// One compaction pass over every volume and snapshot.
     pub fn compact(&self, policy: &Policy) -> Result<Report> {
+        let result = self.compact_pass(policy);
+        let m = &self.ctx.metrics;
+        m.compaction_runs.inc();
+        if let Ok(r) = &result {
+            m.compaction_reclaimed_bytes.inc_by(r.bytes_reclaimed);
+            m.compaction_copied_bytes.inc_by(r.bytes_copied);
+        }
+        result
+    }
+
+    fn compact_pass(&self, policy: &Policy) -> Result<Report> {
         let mut report = Report::default();
         let (volumes, snapshots) = self.objects();
         for v in volumes {
@@ -168,8 +181,9 @@ impl Store {
                 continue;
             }
             let live = state.own_live.get(&seg.id).copied().unwrap_or(0);
-            report.bytes_punched +=
-                punch_dead(seg, ranges.get(&seg.id).map(Vec::as_slice).unwrap_or(&[]))?;
+            let punched = punch_dead(seg, ranges.get(&seg.id).map(Vec::as_slice).unwrap_or(&[]))?;
+            report.bytes_punched += punched;
+            report.bytes_reclaimed += punched;
             seg.punched_at_live.store(live, Ordering::Relaxed);
         }
         Ok(())
@@ -216,9 +230,11 @@ impl Store {
                 break;
             }
             if rewrite(&seg) {
+                let before = segment::file_bytes(&*self.ctx.fs, &self.ctx.seg_dir, seg.id);
                 match self.rewrite_segment(v, &seg, &state) {
-                    Ok(Some((copied, removed))) => {
+                    Ok(Some((copied, removed, after))) => {
                         report.bytes_copied += copied;
+                        report.bytes_reclaimed += before.saturating_sub(after);
                         if removed {
                             report.segments_removed += 1;
                         } else {
@@ -240,13 +256,14 @@ impl Store {
 
     /// Rewrites `seg` of volume `v` keeping only what `state` (a recent copy of the
     /// volume's map) still refers to. Returns (bytes copied, whether the segment was
-    /// dropped without a replacement), or None if the volume changed meanwhile.
+    /// dropped without a replacement, disk bytes of the replacement), or None if the volume
+    /// changed meanwhile.
     fn rewrite_segment(
         &self,
         v: &Arc<VolumeCore>,
         seg: &Arc<Segment>,
         state: &MapState,
-    ) -> Result<Option<(u64, bool)>> {
+    ) -> Result<Option<(u64, bool, u64)>> {
         let ctx = &self.ctx;
         let loaded = segment::load(&*ctx.fs, &ctx.seg_dir, seg.id)?;
         if !loaded.sealed {
@@ -414,6 +431,9 @@ impl Store {
         }
         segment::remove_files(&*ctx.fs, &ctx.seg_dir, old)?;
         let _ = ctx.fs.sync_dir(&ctx.seg_dir);
-        Ok(Some((copied, replacement.is_none())))
+        let new_bytes = replacement
+            .as_ref()
+            .map_or(0, |s| segment::file_bytes(&*ctx.fs, &ctx.seg_dir, s.id));
+        Ok(Some((copied, replacement.is_none(), new_bytes)))
     }
 }

@@ -670,12 +670,17 @@ impl Store {
     /// Removes segment files; failures are logged (the files are orphans, removed at the
     /// next start).
     fn remove_segments(&self, ids: &[SegmentId]) {
+        let m = &self.ctx.metrics;
         for id in ids {
+            m.gc_reclaimed_bytes
+                .inc_by(segment::file_bytes(&*self.ctx.fs, &self.ctx.seg_dir, *id));
             if let Err(e) = segment::remove_files(&*self.ctx.fs, &self.ctx.seg_dir, *id) {
                 tracing::warn!(error = %e, "could not remove a segment; it will be removed at the next start");
             }
         }
         if !ids.is_empty() {
+            m.gc_runs.inc();
+            m.gc_segments_removed.inc_by(ids.len() as u64);
             let _ = self.ctx.fs.sync_dir(&self.ctx.seg_dir);
         }
     }
@@ -740,6 +745,11 @@ impl Store {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Counters of store events, for the daemon's registry.
+    pub fn metrics(&self) -> &crate::metrics::StoreMetrics {
+        &self.ctx.metrics
     }
 
     pub fn stats(&self) -> StoreStats {

@@ -795,6 +795,16 @@ pub fn seal_recovered(fs: &dyn Fs, dir: &Path, loaded: &LoadedSegment) -> Result
 }
 
 /// Removes a segment's files.
+/// Disk bytes a segment's files occupy (0 for what cannot be opened): what removing them
+/// frees.
+pub fn file_bytes(fs: &dyn Fs, dir: &Path, id: SegmentId) -> u64 {
+    [dat_path(dir, id), idx_path(dir, id)]
+        .iter()
+        .filter_map(|p| fs.open(p).ok())
+        .filter_map(|f| f.allocated_bytes().ok())
+        .sum()
+}
+
 pub fn remove_files(fs: &dyn Fs, dir: &Path, id: SegmentId) -> Result<()> {
     for p in [dat_path(dir, id), idx_path(dir, id)] {
         match fs.remove(&p) {

@@ -452,7 +452,11 @@ impl VolumeCore {
         let Some(pending) = pending else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         pending.write()?;
+        let m = &self.ctx.metrics;
+        m.commit_seconds.observe(started.elapsed().as_secs_f64());
+        m.commits.inc();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         let mut log = self.log.lock();
         if let Some(a) = log.active.as_mut()
@@ -464,6 +468,7 @@ impl VolumeCore {
     }
 
     pub fn flush_volume(&self) -> Result<()> {
+        self.ctx.metrics.flushes.inc();
         self.commit
             .flush(|| self.commit_now())
             .map_err(|e| match e {

@@ -116,16 +116,31 @@ impl Daemon {
 
     /// Starts a daemon with extra `serve` arguments.
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Daemon::start_with_env(extra, &[])
+    }
+
+    /// Starts a daemon with extra `serve` arguments and environment variables (e.g.
+    /// `RUST_LOG`).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("blockd-test-")
             .tempdir()
             .expect("tempdir");
         let data_dir = dir.path().join("data");
-        Daemon::start_in(dir, data_dir, extra)
+        Daemon::spawn(dir, data_dir, extra, env)
     }
 
     /// Starts a daemon on an existing data directory (for restart tests).
     pub fn start_in(dir: tempfile::TempDir, data_dir: PathBuf, extra: &[&str]) -> Daemon {
+        Daemon::spawn(dir, data_dir, extra, &[])
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        data_dir: PathBuf,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let ready = dir.path().join("ready.json");
         let _ = fs::remove_file(&ready);
         let log = fs::OpenOptions::new()
@@ -145,6 +160,7 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -30,7 +30,10 @@ impl FileIo for SyncFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+        let started = std::time::Instant::now();
+        let result = self.0.sync_data();
+        crate::metrics::fdatasync_seconds().observe(started.elapsed().as_secs_f64());
+        result
     }
 
     fn len(&self) -> io::Result<u64> {
