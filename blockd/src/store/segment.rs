@@ -270,10 +270,6 @@ impl Active {
     pub fn append_write(&mut self, logical: u64, payload: &[u8], crc: u32) -> Result<Record> {
         let len = payload.len() as u64;
         let data_off = format::payload_offset(self.dat_tail, len);
-        self.seg
-            .dat
-            .write_all_at(payload, data_off)
-            .map_err(|e| StoreError::io(format!("appending to segment {:016x}", self.seg.id), e))?;
         let record = Record::Write {
             seq: self.next_seq,
             logical,
@@ -281,7 +277,18 @@ impl Active {
             data_off,
             data_crc: crc,
         };
-        self.append_entry(record)?;
+        // Payload, then entry: one submission on engines that can link the two writes.
+        self.seg
+            .dat
+            .write_pair(
+                payload,
+                data_off,
+                &*self.idx,
+                &format::encode_record(&record, false),
+                self.idx_slots * ENTRY_BYTES as u64,
+            )
+            .map_err(|e| StoreError::io(format!("appending to segment {:016x}", self.seg.id), e))?;
+        self.entry_appended(record);
         self.dat_tail = data_off + len;
         // Keep the dirty payload bytes of the active segment small, so that the sync
         // when it is sealed (and every flush) finds little left to write.
@@ -313,10 +320,14 @@ impl Active {
                 self.idx_slots * ENTRY_BYTES as u64,
             )
             .map_err(|e| StoreError::io(format!("appending to segment {:016x}", self.seg.id), e))?;
+        self.entry_appended(record);
+        Ok(())
+    }
+
+    fn entry_appended(&mut self, record: Record) {
         self.idx_slots += 1;
         self.records.push(record);
         self.next_seq += 1;
-        Ok(())
     }
 
     pub fn uncommitted(&self) -> usize {
@@ -393,11 +404,10 @@ impl Pending {
         if self.sync_dat {
             self.dat.sync_data()?;
         }
-        self.idx.write_all_at(
+        self.idx.write_all_at_and_sync(
             &format::encode_batch(&self.records, self.seal),
             self.slot * ENTRY_BYTES as u64,
-        )?;
-        self.idx.sync_data()
+        )
     }
 }
 
