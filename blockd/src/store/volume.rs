@@ -195,12 +195,37 @@ fn pieces(map: &Map, offset: u64, len: u64) -> Vec<Piece> {
 }
 
 /// Fills `buf` (which starts at `offset`) from `pieces`.
+///
+/// Consecutive pieces stored back to back in the same segment are read with one call: a
+/// volume filled with 4 KiB writes maps a 1 MiB range as 256 pieces, but sequential
+/// writes are also sequential in the log, so that is usually one read, not 256.
 fn read_pieces(pieces: Vec<Piece>, offset: u64, buf: &mut [u8]) -> Result<()> {
-    for (o, l, t) in pieces {
-        let dst = &mut buf[(o - offset) as usize..(o - offset + l) as usize];
+    let mut i = 0;
+    while i < pieces.len() {
+        let (o, l, t) = &pieces[i];
+        let start = (o - offset) as usize;
         match t {
-            Some(Target::Data(loc)) => loc.seg.read(dst, loc.off)?,
-            Some(Target::Zero) | None => dst.fill(0),
+            Some(Target::Data(loc)) => {
+                let mut end = o + l;
+                let mut j = i + 1;
+                while let Some((o2, l2, Some(Target::Data(next)))) = pieces.get(j) {
+                    if *o2 != end
+                        || !Arc::ptr_eq(&next.seg, &loc.seg)
+                        || next.off != loc.off + (end - o)
+                    {
+                        break;
+                    }
+                    end += l2;
+                    j += 1;
+                }
+                loc.seg
+                    .read(&mut buf[start..(end - offset) as usize], loc.off)?;
+                i = j;
+            }
+            Some(Target::Zero) | None => {
+                buf[start..(o - offset + l) as usize].fill(0);
+                i += 1;
+            }
         }
     }
     Ok(())
