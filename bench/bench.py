@@ -2162,6 +2162,8 @@ def cmd_report(a):
               file=sys.stderr)
     if not a.no_docs:
         for key, title, text in sections:
+            if getattr(a, "only", None) and key not in a.only:
+                continue
             k = key if not a.section else (a.section if len(sections) == 1 else f"{a.section}-{key}")
             update_docs(text, k, title=title)
 
@@ -3150,6 +3152,8 @@ def main():
     p.add_argument("results_dir", nargs="?", help="default: newest dir under bench/results")
     p.add_argument("--no-docs", action="store_true", help="only print, leave docs/BENCHMARKS.md alone")
     p.add_argument("--section", help="marker key in docs/BENCHMARKS.md (default: the run's suite)")
+    p.add_argument("--only", nargs="+", metavar="KEY",
+                   help="write only these sections of a multi-section run (e.g. peers-chains engines)")
     p.add_argument("--keep-flagged", action="store_true",
                    help="count runs flagged disk_reads/cache_dropped in the medians (listed below the tables)")
     c = sub.add_parser("clone-time", help="time snapshot/clone creation (REST, CLI) and qemu-img create -b")
