@@ -39,6 +39,9 @@ RESULTS_ROOT = os.path.join(HERE, "results")
 DOCS = os.path.join(REPO, "docs", "BENCHMARKS.md")
 DEFAULT_WORK = os.environ.get("BENCH_WORK", "/tmp/blockd-bench")
 BLOCKD_BIN = os.environ.get("BLOCKD_BIN", os.path.join(REPO, "target", "release", "blockd"))
+# A second blockd binary (e.g. a copy of the previous build) for same-run A/B comparisons:
+# target `blockd_clone_alt` serves with it.
+BLOCKD_BIN_ALT = os.environ.get("BLOCKD_BIN_ALT", "")
 VOLUME = "bench"           # blockd volume name (= NBD export name)
 QEMU_EXPORT = "x"          # qemu-nbd export name (as in peers.sh)
 CHUNK = 4096               # every data-preparation write is 4 KiB (kernel 6.18 large-folio trap)
@@ -884,7 +887,7 @@ def nbd_sha256(uri):
     return h.hexdigest()
 
 
-def start_blockd(work, name, data_dir=None, engine=None):
+def start_blockd(work, name, data_dir=None, engine=None, binary=None):
     """Start `blockd serve` on the bench data dir (or `data_dir`); TCP port 0, Unix socket in
     the work dir; `--io-engine` = `engine`, or the run's `--blockd-engine`."""
     ready = os.path.join(work.root, "blockd-ready.json")
@@ -892,7 +895,7 @@ def start_blockd(work, name, data_dir=None, engine=None):
     for p in (ready, sockp):
         if os.path.exists(p):
             os.unlink(p)
-    cmd = [BLOCKD_BIN, "serve", "--data-dir", data_dir or work.blockd_dir, "--listen", "127.0.0.1:0",
+    cmd = [binary or BLOCKD_BIN, "serve", "--data-dir", data_dir or work.blockd_dir, "--listen", "127.0.0.1:0",
            "--api", "127.0.0.1:0", "--socket", sockp, "--ready-file", ready,
            "--shutdown-grace", "2s", "--io-engine", engine or work.blockd_engine]
     s = Server(work, name, cmd, os.path.join(work.log_dir, f"{name}.log"), uri=None)
@@ -1117,8 +1120,9 @@ class BlockdCloneTarget(Target):
     snapshot chain (N layers of CHAIN_WRITES 4 KiB writes on top of `bench@base`)."""
     role, family = "blockd", "blockd"
 
-    def __init__(self, name, depth, transport="tcp", engine=None):
+    def __init__(self, name, depth, transport="tcp", engine=None, binary=None):
         self.name, self.depth, self.transport, self.engine = name, depth, transport, engine
+        self.binary = binary
         self.requires = ("blockd_chain",) if depth else ("blockd_base_snapshot",)
         src = f"l{depth}@s" if depth else f"{VOLUME}@base"
         self.source = src
@@ -1129,9 +1133,13 @@ class BlockdCloneTarget(Target):
                                     f"{_transport_title(transport)}{eng}")
         if engine:
             self.family = f"blockd {engine}"
+        if binary:
+            self.title += f", binary `{binary}` ($BLOCKD_BIN_ALT)"
 
     def start(self, work):
-        s = start_blockd(work, self.name, engine=self.engine)
+        if self.binary == "":
+            raise BenchError(f"{self.name} needs $BLOCKD_BIN_ALT (a second blockd binary)")
+        s = start_blockd(work, self.name, engine=self.engine, binary=self.binary)
         try:
             api_delete_volume(s.api, FIO_CLONE)
             api_ok(s.api, "POST", "/v1/volumes", {"name": FIO_CLONE, "from": self.source})
@@ -1216,6 +1224,7 @@ TARGETS = {t.name: t for t in [
     NbdkitCowTarget("nbdkit_cow_unix", "unix"),
     NbdServerTarget("nbdsrv_cow_tcp", "tcp", cow=True),
     NbdServerTarget("nbdsrv_cow_unix", "unix", cow=True),
+    BlockdCloneTarget("blockd_clone_alt", 0, "tcp", binary=BLOCKD_BIN_ALT),
 ]}
 BLOCKD_TARGETS = {n for n, t in TARGETS.items() if t.role == "blockd"}
 REFERENCES = [("qemu_tcp", "qemu-nbd"), ("nbdkit_tcp", "nbdkit")]   # ratio columns in the report
@@ -1419,6 +1428,10 @@ SUITES = {s.name: s for s in [
                       targets=["ceil_file", "ceil_null_tcp", "blockd_chain_d10", "qcow2_d10",
                                "blockd_chain_d100", "qcow2_d100"],
                       peers=True, target_ratio=1.5, match_depth=True),
+              Section("ab", "blockd against another blockd binary ($BLOCKD_BIN_ALT), with peers",
+                      targets=["ceil_null_tcp", "blockd_clone", "blockd_clone_alt", "qemu_tcp", "nbdkit_tcp",
+                               "nbdsrv_tcp", "nbdkit_cow_tcp", "nbdsrv_cow_tcp"],
+                      peers=True, target_ratio=1.0, extra=lambda *x: ab_extra(*x)),
               Section("engines", "blockd I/O engines: io_uring against plain system calls",
                       targets=["blockd_clone", "blockd_clone_unix", "blockd_clone_sync",
                                "blockd_clone_sync_unix", "blockd_clone_uring", "blockd_clone_uring_unix"],
@@ -1574,6 +1587,21 @@ def render_peer_section(res, meta, rows, failed, flagged, sec, targets, jobs):
         w(f"Runs left out of the medians: {len(fa)} (" + ", ".join(
             f"{r['target']}/{r['job']}/r{r['rep']}: {r['status']}" for r in fa) + ")\n")
     return "\n".join(L), []
+
+
+def ab_extra(meta, rows, targets, jobs):
+    if not {"blockd_clone", "blockd_clone_alt"} <= set(targets):
+        return []
+    L = [f"**This build / the other binary** (`blockd_clone` / `blockd_clone_alt`, median IOPS ratio, "
+         f"per-rep range; server CPU per GiB ratio after the semicolon; other binary: "
+         f"{meta['target_titles'].get('blockd_clone_alt', '?')}):\n",
+         "| job | IOPS ratio | CPU/GiB ratio |", "|---|---|---|"]
+    for j in jobs:
+        x = pair_ratio(rows, "blockd_clone", "blockd_clone_alt", j)
+        c = pair_ratio(rows, "blockd_clone", "blockd_clone_alt", j, "cpu_s_per_gib")
+        L.append(f"| `{j}` | {fmt_ratio(x)} | {fmt_ratio(c, bold=False)} |")
+    L.append("")
+    return L
 
 
 def engines_extra(meta, rows, targets, jobs):
