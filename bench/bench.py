@@ -39,6 +39,9 @@ RESULTS_ROOT = os.path.join(HERE, "results")
 DOCS = os.path.join(REPO, "docs", "BENCHMARKS.md")
 DEFAULT_WORK = os.environ.get("BENCH_WORK", "/tmp/blockd-bench")
 BLOCKD_BIN = os.environ.get("BLOCKD_BIN", os.path.join(REPO, "target", "release", "blockd"))
+# A second blockd binary (e.g. a copy of the previous build) for same-run A/B comparisons:
+# target `blockd_clone_alt` serves with it.
+BLOCKD_BIN_ALT = os.environ.get("BLOCKD_BIN_ALT", "")
 VOLUME = "bench"           # blockd volume name (= NBD export name)
 QEMU_EXPORT = "x"          # qemu-nbd export name (as in peers.sh)
 CHUNK = 4096               # every data-preparation write is 4 KiB (kernel 6.18 large-folio trap)
@@ -108,6 +111,20 @@ def pid_alive(pid):
     except OSError:
         return False
     return s[s.rindex(")") + 2:].split()[0] not in ("Z", "X")
+
+
+def proc_status_kb(pid, *keys):
+    """Selected kB fields of /proc/PID/status (VmRSS, VmHWM, ...)."""
+    got = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in keys:
+                    got[k] = int(v.split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return got
 
 
 def cpu_snapshot():
@@ -324,6 +341,16 @@ class Server:
     def cpu_seconds(self):
         return proc_cpu_seconds(self.pid)
 
+    def alive(self):
+        return self.proc.poll() is None
+
+    def settle(self):
+        """Called after fio and before the last CPU sample (a forking server waits for its
+        children here)."""
+
+    def fio_args(self, job):
+        return ["--ioengine=nbd", f"--uri={self.uri}"]
+
     def stop(self, grace=15.0):
         if self.proc.poll() is None:
             try:
@@ -337,6 +364,129 @@ class Server:
                 pass
         self.work.unregister_pid(self.pid)
         self.logf.close()
+
+
+def fresh_socket(work, name):
+    """A Unix socket path under the work dir for one server start (stale file removed)."""
+    p = os.path.join(work.sock, f"{name}.sock")
+    if os.path.exists(p):
+        os.unlink(p)
+    return p
+
+
+def child_pids(pid):
+    """Direct children of a process (scan of /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+            if int(st[st.rindex(")") + 2:].split()[1]) == pid:
+                out.append(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+class DaemonServer(Server):
+    """A server that daemonizes (nbd-server): started with its command, which exits once
+    the daemon wrote its pid file; tracked and stopped by that pid (not our child, so it is
+    polled, never waited for)."""
+
+    def __init__(self, work, name, cmd, log_path, uri, pidfile):
+        self.work, self.name, self.cmd, self.uri = work, name, cmd, uri
+        self.log_path = log_path
+        self.logf = open(log_path, "a")
+        self.logf.write(f"\n==== {dt.datetime.now().isoformat(timespec='seconds')} {' '.join(cmd)}\n")
+        self.logf.flush()
+        self.before_stop, self.after_stop = [], []
+        self.pid = None
+        work.live.append(self)
+        rc = subprocess.run(cmd, stdout=self.logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, timeout=20).returncode
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                with open(pidfile) as f:
+                    self.pid = int(f.read().strip())
+                break
+            except (OSError, ValueError):
+                time.sleep(0.02)
+        if self.pid is None:
+            work.live.remove(self)
+            self.logf.close()
+            raise BenchError(f"{name}: no pid file {pidfile} (exit {rc}; log: {log_path})")
+        work.register_pid(self.pid, cmd)
+
+    def alive(self):
+        return pid_alive(self.pid)
+
+    def cpu_seconds(self):
+        """The daemon plus its live per-connection children (reaped ones are in cutime)."""
+        own = proc_cpu_seconds(self.pid)
+        if own is None:
+            return None
+        return own + sum(proc_cpu_seconds(p) or 0.0 for p in child_pids(self.pid))
+
+    def wait_ready(self, timeout=20.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if not pid_alive(self.pid):
+                raise BenchError(f"{self.name} (pid {self.pid}) exited (log: {self.log_path})")
+            if subprocess.run(["nbdinfo", "--size", self.uri], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise BenchError(f"{self.name} not ready after {timeout}s: {self.uri} (log: {self.log_path})")
+
+    def settle(self):
+        """Wait (up to 5 s) until the per-connection children are gone and reaped, so their
+        CPU time is in the parent's cutime/cstime."""
+        deadline = time.time() + 5
+        while child_pids(self.pid) and time.time() < deadline:
+            time.sleep(0.05)
+
+    def stop(self, grace=15.0):
+        if self.pid and pid_alive(self.pid):
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.time() + grace
+            while pid_alive(self.pid) and time.time() < deadline:
+                time.sleep(0.05)
+            if pid_alive(self.pid):
+                log(f"{self.name} (pid {self.pid}) ignored SIGTERM for {grace}s, killing it")
+                os.kill(self.pid, signal.SIGKILL)
+        if self.pid:
+            self.work.unregister_pid(self.pid)
+        self.logf.close()
+
+
+class LocalRun:
+    """Stands in for a server when fio works on the file itself (the storage ceiling)."""
+
+    def __init__(self, name, work):
+        self.name, self.work, self.uri, self.pid, self.cmd = name, work, None, None, ["(none: fio on the file)"]
+        self.before_stop, self.after_stop = [], []
+
+    def fio_args(self, job):
+        engine = "psync" if job.iodepth == 1 and job.numjobs == 1 else "io_uring"
+        return [f"--ioengine={engine}", "--direct=0", "--invalidate=0", f"--filename={self.work.raw}",
+                f"--size={self.work.size}"]
+
+    def cpu_seconds(self):
+        return None
+
+    def alive(self):
+        return True
+
+    def settle(self):
+        pass
+
+    def stop(self, grace=0):
+        pass
 
 
 # --------------------------------------------------------------------------- work dir + artifacts
@@ -371,6 +521,7 @@ class Work:
         # whether the job about to run reads (set by run_one before target.start)
         self.warm_job_reads = None
         self.pinned = False             # CachePin holds the data every target reads
+        self.blockd_engine = "sync"     # `blockd serve --io-engine` unless a target says otherwise
 
     # -- pid bookkeeping so `bench.py clean` can stop servers left by a killed harness
     def _pids(self):
@@ -407,7 +558,7 @@ class Work:
             self.live.remove(s)
         try:
             for f in s.before_stop:
-                if s.proc.poll() is None:
+                if s.alive():
                     try:
                         f()
                     except Exception as e:   # clean-up must not hide the stop
@@ -599,16 +750,17 @@ class Work:
         syncfs(self.root)
 
     def _prep_qcow2_chain(self):
-        """The qcow2 chain of peers.sh: raw.raw <- l1.qcow2 <- ... <- lN.qcow2, each made with
+        """The qcow2 chain of peers.sh: source.raw <- l1.qcow2 <- ... <- lN.qcow2, each made with
         `qemu-img create -f qcow2 -b PREV -F FMT` and given the same CHAIN_WRITES random
         4 KiB writes (qemu-io) as the blockd layer of the same depth. Targets serve a fresh
-        copy of lN.qcow2. The raw file is only ever read through the chain."""
-        self.need(["raw"])
+        copy of lN.qcow2. The base is the source file, which no benchmark writes (the raw
+        file of the raw-file servers is written by their write jobs)."""
+        self.need(["source"])
         n = self.chain_depth
         if os.path.exists(self.qcow_dir):
             shutil.rmtree(self.qcow_dir)
         os.makedirs(self.qcow_dir)
-        prev, fmt = self.raw, "raw"
+        prev, fmt = self.src, "raw"
         t0 = time.time()
         for i in range(1, n + 1):
             layer = os.path.join(self.qcow_dir, f"l{i}.qcow2")
@@ -735,17 +887,17 @@ def nbd_sha256(uri):
     return h.hexdigest()
 
 
-def start_blockd(work, name, data_dir=None):
+def start_blockd(work, name, data_dir=None, engine=None, binary=None):
     """Start `blockd serve` on the bench data dir (or `data_dir`); TCP port 0, Unix socket in
-    the work dir."""
+    the work dir; `--io-engine` = `engine`, or the run's `--blockd-engine`."""
     ready = os.path.join(work.root, "blockd-ready.json")
     sockp = os.path.join(work.sock, "blockd.sock")
     for p in (ready, sockp):
         if os.path.exists(p):
             os.unlink(p)
-    cmd = [BLOCKD_BIN, "serve", "--data-dir", data_dir or work.blockd_dir, "--listen", "127.0.0.1:0",
+    cmd = [binary or BLOCKD_BIN, "serve", "--data-dir", data_dir or work.blockd_dir, "--listen", "127.0.0.1:0",
            "--api", "127.0.0.1:0", "--socket", sockp, "--ready-file", ready,
-           "--shutdown-grace", "2s"]
+           "--shutdown-grace", "2s", "--io-engine", engine or work.blockd_engine]
     s = Server(work, name, cmd, os.path.join(work.log_dir, f"{name}.log"), uri=None)
     work.live.append(s)
     try:
@@ -770,10 +922,14 @@ def start_blockd(work, name, data_dir=None):
 # --------------------------------------------------------------------------- targets
 
 class Target:
-    """An NBD server configuration. start() returns a ready Server whose .uri fio uses."""
+    """An NBD server configuration. start() returns a ready Server whose .uri fio uses.
+    `role`: "blockd", "peer" (a server users would pick instead) or "ceiling";
+    `family`: the server and configuration, whatever the transport; `transport`: "tcp",
+    "unix" or "local" (fio on the file itself)."""
     name = ""
     title = ""
     requires = ()      # artifacts (Work._prep_<name>) prepared once per run
+    role, family, transport, depth = "peer", "", "tcp", 0
 
     def start(self, work):
         raise NotImplementedError
@@ -782,12 +938,24 @@ class Target:
         return self.title
 
 
+def _transport_title(transport):
+    return {"tcp": "TCP loopback", "unix": "Unix socket", "local": "local file"}[transport]
+
+
+def _uri_for(transport, port=None, sockp=None, export=""):
+    if transport == "tcp":
+        return f"nbd://127.0.0.1:{port}/{export}"
+    return f"nbd+unix:///{export}?socket={sockp}"
+
+
 class BlockdTarget(Target):
+    """blockd serving the filled volume itself (`nbd-basic`; writes accumulate in its log)."""
     requires = ("blockd_volume",)
+    role, family = "blockd", "blockd"
 
     def __init__(self, name, transport):
         self.name, self.transport = name, transport
-        self.title = f"blockd, {'TCP loopback' if transport == 'tcp' else 'Unix socket'}"
+        self.title = f"blockd, {_transport_title(transport)}"
 
     def start(self, work):
         s = start_blockd(work, self.name)
@@ -804,27 +972,145 @@ class BlockdTarget(Target):
 
 
 class QemuRawTarget(Target):
-    name = "qemu_tcp"
-    title = "qemu-nbd raw, aio=threads, TCP loopback"
+    title = "qemu-nbd raw, aio=threads"
     requires = ("raw",)
+    role, family = "peer", "qemu-nbd raw"
     OPTS = ["-f", "raw", "--cache=writeback", "-t", "-e", "4", "-x", QEMU_EXPORT, "--aio=threads"]
 
+    def __init__(self, name="qemu_tcp", transport="tcp"):
+        self.name, self.transport = name, transport
+        self.title = f"qemu-nbd raw file, aio=threads, {_transport_title(transport)}"
+
     def start(self, work):
-        port = free_port()
-        cmd = ["qemu-nbd", *self.OPTS, "-b", "127.0.0.1", "-p", str(port), work.raw]
-        return work.start(self.name, cmd, f"nbd://127.0.0.1:{port}/{QEMU_EXPORT}")
+        if self.transport == "tcp":
+            port = free_port()
+            where, sockp = ["-b", "127.0.0.1", "-p", str(port)], None
+        else:
+            port, sockp = None, fresh_socket(work, self.name)
+            where = ["-k", sockp]
+        cmd = ["qemu-nbd", *self.OPTS, *where, work.raw]
+        return work.start(self.name, cmd, _uri_for(self.transport, port, sockp, QEMU_EXPORT))
 
 
 class NbdkitFileTarget(Target):
-    name = "nbdkit_tcp"
-    title = "nbdkit file plugin, TCP loopback"
     requires = ("raw",)
+    role, family = "peer", "nbdkit file"
+    plugin = ("file",)
+
+    def __init__(self, name="nbdkit_tcp", transport="tcp"):
+        self.name, self.transport = name, transport
+        self.title = f"nbdkit file plugin, {_transport_title(transport)}"
+
+    def plugin_args(self, work):
+        return ["file", f"file={work.raw}"]
 
     def start(self, work):
+        if self.transport == "tcp":
+            port, sockp = free_port(), None
+            where = ["-i", "127.0.0.1", "-p", str(port)]
+        else:
+            port, sockp = None, fresh_socket(work, self.name)
+            where = ["-U", sockp]
+        cmd = ["nbdkit", "-f", "--exit-with-parent", *where, *self.plugin_args(work)]
+        env = None
+        if getattr(self, "tmpdir", False):
+            tmp = os.path.join(work.root, "nbdkit-tmp")
+            os.makedirs(tmp, exist_ok=True)
+            env = dict(os.environ, TMPDIR=tmp)
+        s = Server(work, self.name, cmd, os.path.join(work.log_dir, f"{self.name}.log"),
+                   _uri_for(self.transport, port, sockp), env=env)
+        work.live.append(s)
+        try:
+            s.wait_ready()
+        except BaseException:
+            work.stop(s)
+            raise
+        return s
+
+
+class NbdkitNullTarget(NbdkitFileTarget):
+    """The transport ceiling: an NBD server that does no storage work (reads return zeroes,
+    writes are dropped)."""
+    requires = ()
+    role, family = "ceiling", "ceiling: nbdkit null"
+
+    def __init__(self, name, transport):
+        super().__init__(name, transport)
+        self.title = f"CEILING nbdkit null plugin (no storage work), {_transport_title(transport)}"
+
+    def plugin_args(self, work):
+        return ["null", f"size={work.size}"]
+
+
+class NbdkitCowTarget(NbdkitFileTarget):
+    """nbdkit's cow filter over the file plugin on the (read-only) source file; its overlay is
+    a temporary file nbdkit deletes at exit, so every run starts from an empty overlay."""
+    requires = ("source",)
+    role, family = "peer", "nbdkit cow"
+    tmpdir = True
+
+    def __init__(self, name, transport):
+        super().__init__(name, transport)
+        self.title = f"nbdkit --filter=cow file (fresh overlay per run), {_transport_title(transport)}"
+
+    def plugin_args(self, work):
+        return ["--filter=cow", "file", f"file={work.src}"]
+
+
+class NbdServerTarget(Target):
+    """nbd-server (3.24): daemonizes, so it is tracked by its pid file and stopped by that
+    pid; one forked child per connection (its CPU time lands in the parent's cutime once the
+    child is reaped, which the harness waits for before sampling). `cow`: copyonwrite=true
+    on the source file (the diff file is private to one connection and deleted at
+    disconnect). flush/fua are enabled (off by default in nbd-server) so fsync jobs work."""
+    role = "peer"
+
+    def __init__(self, name, transport, cow=False):
+        self.name, self.transport, self.cow = name, transport, cow
+        self.requires = ("source",) if cow else ("raw",)
+        self.family = "nbd-server cow" if cow else "nbd-server"
+        self.title = (f"nbd-server {'copyonwrite=true on the source file' if cow else 'raw file'}, "
+                      f"{_transport_title(transport)}")
+
+    def start(self, work):
+        d = os.path.join(work.root, "nbdsrv")
+        os.makedirs(os.path.join(d, "cow"), exist_ok=True)
         port = free_port()
-        cmd = ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
-               "file", f"file={work.raw}"]
-        return work.start(self.name, cmd, f"nbd://127.0.0.1:{port}/")
+        sockp = fresh_socket(work, self.name)
+        pidf = os.path.join(d, "nbdsrv.pid")
+        if os.path.exists(pidf):
+            os.unlink(pidf)
+        conf = os.path.join(d, "nbdsrv.conf")
+        export = ("[x]\n    exportname = " + work.raw + "\n" if not self.cow else
+                  "[x]\n    exportname = " + work.src + "\n    copyonwrite = true\n"
+                  f"    cowdir = {os.path.join(d, 'cow')}\n")
+        with open(conf, "w") as f:
+            f.write("[generic]\n"
+                    f"    port = {port}\n    listenaddr = 127.0.0.1\n"
+                    f"    unixsock = {sockp}\n    duallisten = true\n    allowlist = true\n"
+                    + export + "    flush = true\n    fua = true\n")
+        cmd = ["nbd-server", "-C", conf, "-p", pidf]
+        s = DaemonServer(work, self.name, cmd, os.path.join(work.log_dir, f"{self.name}.log"),
+                         _uri_for(self.transport, port, sockp, "x"), pidf)
+        try:
+            s.wait_ready()
+        except BaseException:
+            work.stop(s)
+            raise
+        return s
+
+
+class LocalFileTarget(Target):
+    """The storage ceiling: fio on the raw file directly (page cache, `--invalidate=0`),
+    psync for QD1 jobs (its latency is the reference; io_uring completes cached reads at
+    submit) and io_uring for the others."""
+    name = "ceil_file"
+    requires = ("raw",)
+    role, family, transport = "ceiling", "ceiling: local file", "local"
+    title = "CEILING fio on the raw file itself (psync at QD1, io_uring otherwise), page cache"
+
+    def start(self, work):
+        return LocalRun(self.name, work)
 
 
 class BlockdCloneTarget(Target):
@@ -832,22 +1118,34 @@ class BlockdCloneTarget(Target):
     server, deleted again before the server stops), so every run starts from the same
     state. depth 0: a clone of `bench@base`; depth N: a clone of `l<N>@s`, the top of the
     snapshot chain (N layers of CHAIN_WRITES 4 KiB writes on top of `bench@base`)."""
+    role, family = "blockd", "blockd"
 
-    def __init__(self, name, depth):
-        self.name, self.depth = name, depth
+    def __init__(self, name, depth, transport="tcp", engine=None, binary=None):
+        self.name, self.depth, self.transport, self.engine = name, depth, transport, engine
+        self.binary = binary
         self.requires = ("blockd_chain",) if depth else ("blockd_base_snapshot",)
         src = f"l{depth}@s" if depth else f"{VOLUME}@base"
         self.source = src
-        self.title = (f"blockd, fresh clone of `{src}` (end of a snapshot chain of depth {depth}), TCP loopback"
-                      if depth else f"blockd, fresh clone of `{src}` (snapshot of the filled volume), TCP loopback")
+        eng = f", --io-engine {engine}" if engine else ""
+        self.title = (f"blockd, fresh clone of `{src}` (end of a snapshot chain of depth {depth}), "
+                      f"{_transport_title(transport)}{eng}"
+                      if depth else f"blockd, fresh clone of `{src}` (snapshot of the filled volume), "
+                                    f"{_transport_title(transport)}{eng}")
+        if engine:
+            self.family = f"blockd {engine}"
+        if binary:
+            self.title += f", binary `{binary}` ($BLOCKD_BIN_ALT)"
 
     def start(self, work):
-        s = start_blockd(work, self.name)
+        if self.binary == "":
+            raise BenchError(f"{self.name} needs $BLOCKD_BIN_ALT (a second blockd binary)")
+        s = start_blockd(work, self.name, engine=self.engine, binary=self.binary)
         try:
             api_delete_volume(s.api, FIO_CLONE)
             api_ok(s.api, "POST", "/v1/volumes", {"name": FIO_CLONE, "from": self.source})
             s.before_stop.append(lambda: api_delete_volume(s.api, FIO_CLONE))
-            s.uri = f"nbd://{s.nbd}/{FIO_CLONE}"
+            s.uri = (f"nbd://{s.nbd}/{FIO_CLONE}" if self.transport == "tcp"
+                     else f"nbd+unix:///{FIO_CLONE}?socket={s.socket}")
             s.wait_ready()
             if work.warm_job_reads:
                 warm_through_server(s)
@@ -861,19 +1159,20 @@ class QcowChainTarget(Target):
     """qemu-nbd serving a fresh copy of the top layer of the qcow2 chain (as peers.sh):
     `cp --sparse=always lN.qcow2 top.qcow2`, served read-write, deleted after the run."""
     requires = ("qcow2_chain",)
+    role, family = "peer", "qemu-nbd qcow2"
     OPTS = ["-f", "qcow2", "--cache=writeback", "-t", "-e", "4", "-x", QEMU_EXPORT, "--aio=threads"]
 
-    def __init__(self, name, depth):
-        self.name, self.depth = name, depth
-        chain = "raw <- l1" if depth == 1 else f"raw <- l1 <- ... <- l{depth}"
+    def __init__(self, name, depth, transport="tcp"):
+        self.name, self.depth, self.transport = name, depth, transport
+        chain = "source <- l1" if depth == 1 else f"source <- l1 <- ... <- l{depth}"
         self.title = (f"qemu-nbd qcow2, fresh copy of the top of a chain of depth {depth} "
-                      f"({chain}), aio=threads, TCP loopback")
+                      f"({chain}), aio=threads, {_transport_title(transport)}")
 
     def start(self, work):
         warm = None
         if work.warm_job_reads is not None and not work.pinned:   # copy-up on writes reads the base too
             r0, t0 = proc_read_bytes(), time.time()
-            warm4k(work.raw)
+            warm4k(work.src)
             warm = {"warm_s": round(time.time() - t0, 2),
                     "warm_disk_read_mb": round((proc_read_bytes() - r0) / 1e6, 1)}
         top = os.path.join(work.root, "qcow2-top.qcow2")
@@ -881,10 +1180,15 @@ class QcowChainTarget(Target):
             os.unlink(top)
         subprocess.run(["cp", "--sparse=always", os.path.join(work.qcow_dir, f"l{self.depth}.qcow2"), top],
                        check=True)
-        port = free_port()
-        cmd = ["qemu-nbd", *self.OPTS, "-b", "127.0.0.1", "-p", str(port), top]
+        if self.transport == "tcp":
+            port, sockp = free_port(), None
+            where = ["-b", "127.0.0.1", "-p", str(port)]
+        else:
+            port, sockp = None, fresh_socket(work, self.name)
+            where = ["-k", sockp]
+        cmd = ["qemu-nbd", *self.OPTS, *where, top]
         try:
-            s = work.start(self.name, cmd, f"nbd://127.0.0.1:{port}/{QEMU_EXPORT}")
+            s = work.start(self.name, cmd, _uri_for(self.transport, port, sockp, QEMU_EXPORT))
         except BaseException:
             os.unlink(top)
             raise
@@ -898,13 +1202,31 @@ CHAIN_DEPTHS = (1, 10, 100)
 TARGETS = {t.name: t for t in [
     BlockdTarget("blockd_tcp", "tcp"),
     BlockdTarget("blockd_unix", "unix"),
-    QemuRawTarget(),
-    NbdkitFileTarget(),
+    QemuRawTarget("qemu_tcp", "tcp"),
+    QemuRawTarget("qemu_unix", "unix"),
+    NbdkitFileTarget("nbdkit_tcp", "tcp"),
+    NbdkitFileTarget("nbdkit_unix", "unix"),
+    NbdServerTarget("nbdsrv_tcp", "tcp"),
+    NbdServerTarget("nbdsrv_unix", "unix"),
+    LocalFileTarget(),
+    NbdkitNullTarget("ceil_null_tcp", "tcp"),
+    NbdkitNullTarget("ceil_null_unix", "unix"),
     *[BlockdCloneTarget(f"blockd_chain_d{d}", d) for d in CHAIN_DEPTHS],
     *[QcowChainTarget(f"qcow2_d{d}", d) for d in CHAIN_DEPTHS],
+    QcowChainTarget("qcow2_d1_unix", 1, "unix"),
     BlockdCloneTarget("blockd_clone", 0),
+    BlockdCloneTarget("blockd_clone_unix", 0, "unix"),
+    BlockdCloneTarget("blockd_clone_uring", 0, "tcp", engine="uring"),
+    BlockdCloneTarget("blockd_clone_uring_unix", 0, "unix", engine="uring"),
+    BlockdCloneTarget("blockd_clone_sync", 0, "tcp", engine="sync"),
+    BlockdCloneTarget("blockd_clone_sync_unix", 0, "unix", engine="sync"),
+    NbdkitCowTarget("nbdkit_cow_tcp", "tcp"),
+    NbdkitCowTarget("nbdkit_cow_unix", "unix"),
+    NbdServerTarget("nbdsrv_cow_tcp", "tcp", cow=True),
+    NbdServerTarget("nbdsrv_cow_unix", "unix", cow=True),
+    BlockdCloneTarget("blockd_clone_alt", 0, "tcp", binary=BLOCKD_BIN_ALT),
 ]}
-BLOCKD_TARGETS = {"blockd_tcp", "blockd_unix", "blockd_clone", *[f"blockd_chain_d{d}" for d in CHAIN_DEPTHS]}
+BLOCKD_TARGETS = {n for n, t in TARGETS.items() if t.role == "blockd"}
 REFERENCES = [("qemu_tcp", "qemu-nbd"), ("nbdkit_tcp", "nbdkit")]   # ratio columns in the report
 
 
@@ -914,6 +1236,10 @@ class Job:
     def __init__(self, name, title, args, note=""):
         self.name, self.title, self.args, self.note = name, title, args, note
         self.reads = any(a in ("--rw=read", "--rw=randread", "--rw=rw", "--rw=randrw") for a in args)
+        opt = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+        self.iodepth = int(opt.get("iodepth", 1))
+        self.numjobs = int(opt.get("numjobs", 1))
+        self.bs = parse_size(opt.get("bs", "4k"))
 
 
 JOBS = {j.name: j for j in [
@@ -925,12 +1251,31 @@ JOBS = {j.name: j for j in [
         note="fio sends NBD_CMD_FLUSH when 32 writes have been issued since the last flush; at "
              "QD>1 fio (3.33) then issues a burst of flushes while the queue drains, so there "
              "are far more than 1/32 flushes per write: see the flushes/write column."),
+    Job("mix64k_qd16", "64k random 70/30 read/write QD16",
+        ["--rw=randrw", "--rwmixread=70", "--bs=64k", "--iodepth=16"],
+        note="IOPS and MB/s are reads + writes; latencies are those of the reads (70 %)."),
+    Job("sr1m_qd8", "1M sequential read QD8", ["--rw=read", "--bs=1M", "--iodepth=8"]),
+    Job("sw1m_qd8", "1M sequential write QD8", ["--rw=write", "--bs=1M", "--iodepth=8"]),
+    Job("rr4k_4x8", "4k randread, 4 connections x QD8",
+        ["--rw=randread", "--bs=4k", "--iodepth=8", "--numjobs=4", "--group_reporting"],
+        note="4 fio jobs, each with its own NBD connection (multi-conn); figures are the sum / "
+             "the group's percentiles. nbd-server copyonwrite gives every connection its own "
+             "private overlay (it does not advertise multi-conn); qemu-nbd serves up to 4 "
+             "connections (`-e 4`)."),
 ]}
-COMMON_FIO = ["--ioengine=nbd", "--time_based", "--norandommap", "--randrepeat=0",
-              "--output-format=json"]
+COMMON_FIO = ["--time_based", "--norandommap", "--randrepeat=0", "--output-format=json"]
 
 
 # --------------------------------------------------------------------------- suites
+
+PEERS_TARGETS = ["ceil_file", "ceil_null_tcp", "ceil_null_unix", "blockd_clone", "blockd_clone_unix",
+                 "blockd_clone_uring", "blockd_clone_uring_unix", "qemu_tcp", "qemu_unix", "nbdkit_tcp",
+                 "nbdkit_unix", "nbdsrv_tcp", "nbdsrv_unix", "qcow2_d1", "qcow2_d1_unix", "nbdkit_cow_tcp",
+                 "nbdkit_cow_unix", "nbdsrv_cow_tcp", "nbdsrv_cow_unix", "blockd_chain_d10", "qcow2_d10",
+                 "blockd_chain_d100", "qcow2_d100"]
+PEERS_JOBS = ["rr4k_qd1", "rr4k_qd32", "rw4k_qd32", "rw4k_qd32_fsync32", "mix64k_qd16", "sr1m_qd8",
+              "sw1m_qd8", "rr4k_4x8"]
+
 
 class Suite:
     """Targets × jobs run together (interleaved). `sections`: how `report` splits the run
@@ -950,9 +1295,14 @@ class Section:
     from a target to its reference target or None), `tails` adds p99.9/max columns, and
     `extra(meta, rows, targets, jobs)` returns more markdown lines (summary tables)."""
 
-    def __init__(self, key, title, targets=None, jobs=None, refs=(), tails=False, extra=None):
+    def __init__(self, key, title, targets=None, jobs=None, refs=(), tails=False, extra=None,
+                 peers=False, target_ratio=None, match_depth=False):
         self.key, self.title, self.targets, self.jobs = key, title, targets, jobs
         self.refs, self.tails, self.extra = list(refs), tails, extra
+        # peers=True: the `peers` table (MB/s, CPU s/GiB, ratio to the best peer and to
+        # each ceiling) and, with target_ratio, a met/missed table for the blockd rows
+        self.peers, self.target_ratio, self.match_depth = peers, target_ratio, match_depth
+        self.targets_in_run = []
 
 
 BASIC_REFS = [(lbl, (lambda t, rt=rt: rt)) for rt, lbl in REFERENCES]
@@ -1055,7 +1405,229 @@ SUITES = {s.name: s for s in [
                       refs=[("qcow2 overlay (qcow2_d1)", lambda t: "qcow2_d1")],
                       tails=True, extra=clone_io_extra),
           ], warm_per_run=True, pin_cache=True),
+    Suite("peers", "blockd against qemu-nbd, nbdkit and nbd-server, side by side",
+          PEERS_TARGETS, PEERS_JOBS,
+          "Every workload on blockd and on the servers users would pick instead, on the same "
+          "data, in one run, with two ceilings: fio on the raw file itself, and an NBD server "
+          "that does no storage work (nbdkit null). blockd serves a fresh clone of the filled "
+          "volume's snapshot per fio run (so every run starts from the same state); raw-file "
+          "peers serve the raw file; copy-on-write peers start from an empty overlay over the "
+          "same bytes per run.",
+          sections=[
+              Section("peers-raw", "Raw volume: blockd against raw-file servers",
+                      targets=["ceil_file", "ceil_null_tcp", "ceil_null_unix", "blockd_clone",
+                               "blockd_clone_unix", "qemu_tcp", "qemu_unix", "nbdkit_tcp", "nbdkit_unix",
+                               "nbdsrv_tcp", "nbdsrv_unix"],
+                      peers=True, target_ratio=1.0),
+              Section("peers-clone", "Clones: blockd clone against qcow2 overlay, nbdkit cow, nbd-server copyonwrite",
+                      targets=["ceil_file", "ceil_null_tcp", "ceil_null_unix", "blockd_clone",
+                               "blockd_clone_unix", "qcow2_d1", "qcow2_d1_unix", "nbdkit_cow_tcp",
+                               "nbdkit_cow_unix", "nbdsrv_cow_tcp", "nbdsrv_cow_unix"],
+                      peers=True, target_ratio=1.5),
+              Section("peers-chains", "Snapshot chains of depth 10 and 100: blockd against qcow2 backing chains",
+                      targets=["ceil_file", "ceil_null_tcp", "blockd_chain_d10", "qcow2_d10",
+                               "blockd_chain_d100", "qcow2_d100"],
+                      peers=True, target_ratio=1.5, match_depth=True),
+              Section("ab", "blockd against another blockd binary ($BLOCKD_BIN_ALT), with peers",
+                      targets=["ceil_null_tcp", "blockd_clone", "blockd_clone_alt", "qemu_tcp", "nbdkit_tcp",
+                               "nbdsrv_tcp", "nbdkit_cow_tcp", "nbdsrv_cow_tcp"],
+                      peers=True, target_ratio=1.0, extra=lambda *x: ab_extra(*x)),
+              Section("engines", "blockd I/O engines: io_uring against plain system calls",
+                      targets=["blockd_clone", "blockd_clone_unix", "blockd_clone_sync",
+                               "blockd_clone_sync_unix", "blockd_clone_uring", "blockd_clone_uring_unix"],
+                      peers=True, extra=lambda *x: engines_extra(*x)),
+          ], warm_per_run=True, pin_cache=True),
 ]}
+
+
+# --------------------------------------------------------------------------- suite `peers`: report
+
+def _tinfo(meta, t):
+    ti = meta.get("target_info", {}).get(t)
+    if ti:
+        return ti
+    tt = TARGETS.get(t)
+    return {"role": tt.role, "family": tt.family, "transport": tt.transport, "depth": tt.depth} if tt else \
+        {"role": "peer", "family": t, "transport": "tcp", "depth": 0}
+
+
+def best_peer(meta, rows, sec, t, job, key="iops", lowest=False):
+    """The peer of the section with the best median `key` for `job`, among those on the
+    same transport as `t` (and the same chain depth when the section matches depths)."""
+    ti = _tinfo(meta, t)
+    peers = [p for p in sec.targets_in_run if _tinfo(meta, p)["role"] == "peer"]
+    same = [p for p in peers if _tinfo(meta, p)["transport"] == ti["transport"]]
+    cand = same or peers
+    if sec.match_depth:
+        cand = [p for p in cand if max(1, _tinfo(meta, p)["depth"]) == max(1, ti["depth"])]
+    best, bv = None, None
+    for p in cand:
+        v = med(rows.get((p, job), []), key)
+        if v is None:
+            continue
+        if bv is None or (v < bv if lowest else v > bv):
+            best, bv = p, v
+    return best
+
+
+def ceiling_for(meta, sec, t, kind):
+    """The ceiling target a row is compared with: `file` (fio on the raw file) or `null`
+    (nbdkit null on the same transport)."""
+    ti = _tinfo(meta, t)
+    for c in sec.targets_in_run:
+        ci = _tinfo(meta, c)
+        if ci["role"] != "ceiling":
+            continue
+        if kind == "file" and ci["transport"] == "local":
+            return c
+        if kind == "null" and ci["transport"] == (ti["transport"] if ti["transport"] != "local" else "tcp"):
+            return c
+    return None
+
+
+def _fmt_mbps(v):
+    return "–" if v is None else (f"{v:.0f}" if v >= 10 else f"{v:.1f}")
+
+
+def render_peer_section(res, meta, rows, failed, flagged, sec, targets, jobs):
+    sec.targets_in_run = targets
+    L = render_header(res, meta, rows, targets, jobs)
+    w = L.append
+    verdicts = []
+    for job in jobs:
+        title = meta["job_titles"].get(job, job)
+        w(f"#### {title} (`{job}`)\n")
+        if meta.get("job_notes", {}).get(job):
+            w(f"{meta['job_notes'][job]}\n")
+        fs = job.endswith("fsync32")
+        hdr = ["target", "n", "IOPS median [min–max]", "MB/s", "p50 µs", "p99 µs", "server CPU s/GiB"]
+        if fs:
+            hdr += ["flushes/write"]
+        hdr += ["vs best peer (same transport)", "vs ceiling: file", "vs ceiling: null server"]
+        w("| " + " | ".join(hdr) + " |")
+        w("|" + "---|" * len(hdr))
+        for t in targets:
+            rs = rows.get((t, job), [])
+            if not rs:
+                w(f"| `{t}` | 0 |" + " – |" * (len(hdr) - 2))
+                continue
+            iops = [float(r["iops"]) for r in rs]
+            mi = med(rs, "iops")
+            role = _tinfo(meta, t)["role"]
+            name = f"**`{t}`**" if role == "blockd" else f"`{t}`"
+            cells = [name, str(len(rs)), f"{fmt_iops(mi)} [{fmt_iops(min(iops))}–{fmt_iops(max(iops))}]",
+                     _fmt_mbps(med(rs, "mbps")), fmt(med(rs, "clat_p50_us"), 1), fmt(med(rs, "clat_p99_us"), 1),
+                     fmt(med(rs, "cpu_s_per_gib"), 2)]
+            if fs:
+                fw = [float(r["flushes"]) / max(1.0, float(r["ios"])) for r in rs if r.get("flushes")]
+                cells.append(f"{statistics.median(fw):.2f}" if fw else "–")
+            if role == "ceiling":
+                cells += ["–", "–", "–"]
+            else:
+                bp = best_peer(meta, rows, sec, t, job)
+                if bp == t:
+                    cells.append("best peer")
+                elif bp:
+                    cells.append(f"{fmt_ratio(pair_ratio(rows, t, bp, job))} `{bp}`")
+                else:
+                    cells.append("–")
+                for kind in ("file", "null"):
+                    c = ceiling_for(meta, sec, t, kind)
+                    cells.append(fmt_ratio(pair_ratio(rows, t, c, job), bold=False) if c else "–")
+            w("| " + " | ".join(cells) + " |")
+        w("")
+        for t in targets:
+            if _tinfo(meta, t)["role"] != "blockd" or not rows.get((t, job)):
+                continue
+            bp = best_peer(meta, rows, sec, t, job)
+            x = pair_ratio(rows, t, bp, job) if bp else None
+            v = {"job": job, "target": t, "peer": bp, "x": x}
+            if job == "rr4k_qd1":
+                lp = best_peer(meta, rows, sec, t, job, key="clat_p99_us", lowest=True)
+                v["p99"] = (med(rows[(t, job)], "clat_p99_us"), lp,
+                            med(rows.get((lp, job), []), "clat_p99_us") if lp else None)
+            verdicts.append(v)
+    w("Ratios: median IOPS of the row over median IOPS of the reference, with the range of the "
+      "per-rep ratios in brackets (same rep = same interleaved pass). *Best peer* = the peer of "
+      "this table with the highest median IOPS for that job on the same transport"
+      + (" and at the same chain depth" if sec.match_depth else "") + ". Server CPU = utime+stime "
+      "(+ reaped children) of the server process over the fio run from /proc/PID/stat, per GiB "
+      "moved. The file ceiling uses psync at QD1 and io_uring otherwise; the null-server ceiling "
+      "is `nbdkit null` (no storage work: reads return zeroes) on the same transport.\n")
+    if verdicts and sec.target_ratio:
+        w(f"**Targets** (blockd / best peer median IOPS ≥ {sec.target_ratio:g}"
+          + (", and QD1 p99 at or below the lowest peer p99" if any("p99" in v for v in verdicts) else "")
+          + "):\n")
+        w("| job | blockd target | best peer | ratio (per-rep range) | met? |")
+        w("|---|---|---|---|---|")
+        for v in verdicts:
+            if v["x"] is None:
+                w(f"| `{v['job']}` | `{v['target']}` | – | – | no data |")
+                continue
+            m, pr = v["x"]
+            ok = m >= sec.target_ratio
+            every = pr and all(r >= sec.target_ratio for r in pr)
+            w(f"| `{v['job']}` | `{v['target']}` | `{v['peer']}` | {fmt_ratio(v['x'])} | "
+              f"{'✓' if ok else '✗'}{' (every rep)' if ok and every and len(pr) > 1 else ''} |")
+            if "p99" in v:
+                mine, lp, theirs = v["p99"]
+                if mine is not None and theirs is not None:
+                    w(f"| `{v['job']}` p99 | `{v['target']}` {mine:.0f} µs | `{lp}` {theirs:.0f} µs | "
+                      f"{mine / theirs:.2f} | {'✓' if mine <= theirs else '✗'} |")
+        w("")
+    if sec.extra:
+        L += sec.extra(meta, rows, targets, jobs)
+    mine = set(targets)
+    fl = [r for r in flagged if r["target"] in mine and r["job"] in jobs]
+    fa = [r for r in failed if r["target"] in mine and r["job"] in jobs]
+    if fl:
+        w(f"Kept in the medians although flagged (`--keep-flagged`): {len(fl)} runs (" + ", ".join(
+            f"{r['target']}/{r['job']}/r{r['rep']}: {r['status']}" for r in fl) + ").\n")
+    if fa:
+        w(f"Runs left out of the medians: {len(fa)} (" + ", ".join(
+            f"{r['target']}/{r['job']}/r{r['rep']}: {r['status']}" for r in fa) + ")\n")
+    return "\n".join(L), []
+
+
+def ab_extra(meta, rows, targets, jobs):
+    if not {"blockd_clone", "blockd_clone_alt"} <= set(targets):
+        return []
+    L = [f"**This build / the other binary** (`blockd_clone` / `blockd_clone_alt`, median IOPS ratio, "
+         f"per-rep range; server CPU per GiB ratio after the semicolon; other binary: "
+         f"{meta['target_titles'].get('blockd_clone_alt', '?')}):\n",
+         "| job | IOPS ratio | CPU/GiB ratio |", "|---|---|---|"]
+    for j in jobs:
+        x = pair_ratio(rows, "blockd_clone", "blockd_clone_alt", j)
+        c = pair_ratio(rows, "blockd_clone", "blockd_clone_alt", j, "cpu_s_per_gib")
+        L.append(f"| `{j}` | {fmt_ratio(x)} | {fmt_ratio(c, bold=False)} |")
+    L.append("")
+    return L
+
+
+def engines_extra(meta, rows, targets, jobs):
+    L = []
+    pairs = []
+    for tr, sfx in (("tcp", ""), ("unix", "_unix")):
+        u = f"blockd_clone_uring{sfx}"
+        sy = f"blockd_clone_sync{sfx}" if f"blockd_clone_sync{sfx}" in targets else (
+            f"blockd_clone{sfx}" if meta.get("blockd_engine", "sync") == "sync" else None)
+        if u in targets and sy in targets:
+            pairs.append((tr, u, sy))
+    if not pairs:
+        return L
+    L.append("**io_uring engine / syscall engine** (median IOPS ratio, per-rep range; server CPU "
+             "per GiB ratio after the semicolon):\n")
+    L.append("| job | " + " | ".join(f"{tr}: `{u}` / `{sy}`" for tr, u, sy in pairs) + " |")
+    L.append("|---|" + "---|" * len(pairs))
+    for j in jobs:
+        cells = []
+        for _, u, sy in pairs:
+            x = pair_ratio(rows, u, sy, j)
+            c = pair_ratio(rows, u, sy, j, "cpu_s_per_gib")
+            cells.append(fmt_ratio(x) + (f"; CPU {fmt_ratio(c, bold=False)}" if c else ""))
+        L.append(f"| `{j}` | " + " | ".join(cells) + " |")
+    L.append("")
+    return L
 
 
 # --------------------------------------------------------------------------- machine facts
@@ -1106,9 +1678,9 @@ def machine_facts(work_root):
 CSV_FIELDS = ["suite", "target", "job", "rep", "seq", "start_utc", "status",
               "iops", "mbps", "clat_p50_us", "clat_p99_us", "clat_p999_us", "clat_max_us",
               "clat_mean_us", "ios", "flushes", "flush_p50_us", "flush_p99_us",
-              "srv_cpu_s", "cpu_us_per_io", "srv_cores", "fio_cores", "steal_pct", "busy_pct",
+              "io_bytes", "srv_cpu_s", "cpu_us_per_io", "cpu_s_per_gib", "srv_cores", "fio_cores", "steal_pct", "busy_pct",
               "others_cores", "load1", "srv_disk_read_mb", "host_disk_read_mb", "drop_caches", "wall_s",
-              "warm_s", "warm_disk_read_mb"]
+              "warm_s", "warm_disk_read_mb", "srv_rss_kb", "srv_hwm_kb"]
 
 
 def parse_fio(path):
@@ -1116,14 +1688,16 @@ def parse_fio(path):
         txt = f.read()
     d = json.loads(txt[txt.index("{"):])          # fio may print warnings before the JSON
     j = d["jobs"][0]
-    side = j["write"] if j["write"]["io_bytes"] > j["read"]["io_bytes"] else j["read"]
+    # latencies: the direction with more requests (the reads of a 70/30 mix)
+    side = j["write"] if j["write"]["total_ios"] > j["read"]["total_ios"] else j["read"]
     clat = side.get("clat_ns", {})
     pct = clat.get("percentile", {})
     sync = j.get("sync", {})
     spct = sync.get("lat_ns", {}).get("percentile", {})
     return {
-        "iops": side["iops"],
-        "mbps": side["bw_bytes"] / 1e6,
+        "iops": j["read"]["iops"] + j["write"]["iops"],
+        "mbps": (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6,
+        "io_bytes": j["read"]["io_bytes"] + j["write"]["io_bytes"],
         "clat_p50_us": pct.get("50.000000", 0) / 1e3,
         "clat_p99_us": pct.get("99.000000", 0) / 1e3,
         "clat_p999_us": pct.get("99.900000", 0) / 1e3,
@@ -1149,7 +1723,7 @@ def run_one(work, res, target, job, rep, seq, a, cmdlog, writer, csvf):
     row.update(getattr(srv, "warm", {}))
     try:
         cmd = ["fio", f"--name={job.name}", *COMMON_FIO, f"--runtime={a.runtime}", *job.args,
-               f"--uri={srv.uri}", f"--output={out}"]
+               *srv.fio_args(job), f"--output={out}"]
         if rep == 1:
             cmdlog.write(f"## {target.name} / {job.name}\nserver: {' '.join(srv.cmd)}\nfio:    {' '.join(cmd)}\n")
             cmdlog.flush()
@@ -1165,14 +1739,20 @@ def run_one(work, res, target, job, rep, seq, a, cmdlog, writer, csvf):
                 rc = "timeout"
         t1, s1, v1 = time.time(), cpu_snapshot(), cache_probe()
         time.sleep(0.1)                 # let the connection thread finish before sampling
+        srv.settle()
         c1, rb1 = srv.cpu_seconds(), proc_read_bytes(srv.pid)
-        alive = pid_alive(srv.pid)
+        alive = srv.alive()
+        if srv.pid:
+            mem = proc_status_kb(srv.pid, "VmRSS", "VmHWM")
+            row.update(srv_rss_kb=mem.get("VmRSS", ""), srv_hwm_kb=mem.get("VmHWM", ""))
     finally:
         work.stop(srv)
     syncfs(work.root)                   # write back what a write job dirtied before the next run
     steal, busy = cpu_delta(s0, s1)
     host_mb, drops = cache_delta(v0, v1)
     srv_mb = (rb1 - rb0) / 1e6 if rb0 is not None and rb1 is not None else 0.0
+    if srv.pid is None:                 # fio on the file: its own page-cache misses
+        srv_mb = 0.0
     row.update(steal_pct=round(steal, 1), busy_pct=round(busy, 1), load1=loadavg(),
                srv_disk_read_mb=round(srv_mb, 1), host_disk_read_mb=round(host_mb, 1),
                drop_caches=drops, wall_s=round(t1 - t0, 2))
@@ -1185,9 +1765,9 @@ def run_one(work, res, target, job, rep, seq, a, cmdlog, writer, csvf):
         m = parse_fio(out)
         if m.pop("error"):
             status = "fio_error"
-        elif drops:
+        elif drops and srv.pid:
             status = "cache_dropped"       # someone ran drop_caches during the run
-        elif srv_mb > 0.01 * m["ios"] * 4096 / 1e6 + 1:
+        elif srv_mb > 0.01 * m["io_bytes"] / 1e6 + 1:
             status = "disk_reads"          # the server missed page cache: not what we measure
         row.update({k: round(v, 2) if isinstance(v, float) else v for k, v in m.items()})
         if c0 is not None and c1 is not None:
@@ -1195,6 +1775,7 @@ def run_one(work, res, target, job, rep, seq, a, cmdlog, writer, csvf):
             row["srv_cpu_s"] = round(srv_cpu, 2)
             row["srv_cores"] = round(srv_cpu / (t1 - t0), 2)
             row["cpu_us_per_io"] = round(srv_cpu * 1e6 / m["ios"], 1) if m["ios"] else ""
+            row["cpu_s_per_gib"] = round(srv_cpu / (m["io_bytes"] / (1 << 30)), 3) if m["io_bytes"] else ""
             row["others_cores"] = round(busy / 100 * os.cpu_count() - srv_cpu / (t1 - t0)
                                         - m["fio_cores"], 2)
     row["status"] = status
@@ -1207,6 +1788,7 @@ def run_one(work, res, target, job, rep, seq, a, cmdlog, writer, csvf):
 
 
 def cmd_run(a):
+    apply_quick(a)
     suite = SUITES[a.suite]
     targets = a.targets or suite.targets
     jobs = a.jobs or suite.jobs
@@ -1218,6 +1800,8 @@ def cmd_run(a):
             raise BenchError(f"unknown job {j}; see `bench.py list`")
     missing = [b for b in ("fio", "nbdinfo", "nbdcopy", "qemu-nbd", "qemu-img", "qemu-io", "nbdkit")
                if not shutil.which(b)]
+    if any(t.startswith("nbdsrv") for t in targets) and not shutil.which("nbd-server"):
+        missing.append("nbd-server")
     if missing:
         raise BenchError(f"missing tools: {', '.join(missing)}; run `python3 bench/bench.py setup`")
     if any(t in BLOCKD_TARGETS for t in targets) and not os.access(BLOCKD_BIN, os.X_OK):
@@ -1230,12 +1814,17 @@ def cmd_run(a):
     res = os.path.abspath(a.out or os.path.join(RESULTS_ROOT, stamp))
     os.makedirs(os.path.join(res, "logs"), exist_ok=True)
     work = Work(a.work_dir, size, os.path.join(res, "logs"))
+    work.blockd_engine = a.blockd_engine
     leftover = [p for p in work._pids() if pid_alive(int(p))]
     if leftover:
         raise BenchError(f"servers from an earlier run are still alive ({', '.join(leftover)}); "
                          f"run `python3 bench/bench.py clean` first")
     meta = {
         "suite": suite.name,
+        "blockd_engine": a.blockd_engine,
+        "target_info": {t: {"role": TARGETS[t].role, "family": TARGETS[t].family,
+                            "transport": TARGETS[t].transport, "depth": TARGETS[t].depth}
+                        for t in targets},
         "command": "python3 " + " ".join(shlex.quote(x) for x in
                                          [os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *sys.argv[1:]]),
         "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -1284,6 +1873,8 @@ def cmd_run(a):
             n = 0
             if "raw" in work.facts.get("prepared", []):
                 n += pinner.pin(work.raw)
+            if any(r in ("source", "qcow2_chain") for r in needed):   # base of the clone peers
+                n += pinner.pin(work.src)
             if os.path.isdir(work.qcow_dir):
                 n += pinner.pin_tree(work.qcow_dir)
             if os.path.isdir(work.blockd_dir) and any(r.startswith("blockd") for r in needed):
@@ -1542,7 +2133,8 @@ def render(res, keep_flagged=False):
         jobs = [j for j in meta["jobs"] if sec.jobs is None or j in sec.jobs]
         if not targets or not jobs:
             continue
-        text, s = render_section(res, meta, rows, failed, flagged, sec, targets, jobs)
+        fn = render_peer_section if sec.peers else render_section
+        text, s = fn(res, meta, rows, failed, flagged, sec, targets, jobs)
         out.append((sec.key or meta["suite"], sec.title, text))
         summary += s
     return out, summary, meta
@@ -1571,18 +2163,22 @@ def update_docs(section, suite, path=DOCS, title=None):
 def cmd_report(a):
     res = a.results_dir
     if not res:
-        dirs = sorted(d for d in os.listdir(RESULTS_ROOT)
-                      if os.path.exists(os.path.join(RESULTS_ROOT, d, "results.csv")))
+        dirs = sorted((d for d in os.listdir(RESULTS_ROOT)
+                       if os.path.exists(os.path.join(RESULTS_ROOT, d, "meta.json"))),
+                      key=lambda d: os.path.getmtime(os.path.join(RESULTS_ROOT, d, "meta.json")))
         if not dirs:
             raise BenchError("no results yet; run `python3 bench/bench.py run` first")
         res = os.path.join(RESULTS_ROOT, dirs[-1])
     with open(os.path.join(res, "meta.json")) as f:
         kind = json.load(f).get("kind", "fio")
-    if kind == "clone-time":
-        text = render_clone_time(res)
+    other = {"clone-time": (render_clone_time, CLONE_TIME_TITLE), "rss": (render_rss, RSS_TITLE),
+             "pgbench": (render_pgbench, PG_TITLE)}
+    if kind in other:
+        fn, title = other[kind]
+        text = fn(res)
         print(text)
         if not a.no_docs:
-            update_docs(text, a.section or "clone-time", title=CLONE_TIME_TITLE)
+            update_docs(text, a.section or kind, title=title)
         return
     sections, summary, meta = render(res, a.keep_flagged)
     for key, title, text in sections:
@@ -1594,6 +2190,8 @@ def cmd_report(a):
               file=sys.stderr)
     if not a.no_docs:
         for key, title, text in sections:
+            if getattr(a, "only", None) and key not in a.only:
+                continue
             k = key if not a.section else (a.section if len(sections) == 1 else f"{a.section}-{key}")
             update_docs(text, k, title=title)
 
@@ -1994,14 +2592,448 @@ def render_clone_time(res, limit_ms=10.0):
     return "\n".join(L)
 
 
+# --------------------------------------------------------------------------- rss: memory per idle clone
+
+def nbd_connect_idle(addr, export, timeout=10.0):
+    """Open an NBD connection to `export` (fixed newstyle, NBD_OPT_EXPORT_NAME) and return
+    the socket, left idle in transmission phase."""
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=timeout)
+
+    def recv(n):
+        b = b""
+        while len(b) < n:
+            c = s.recv(n - len(b))
+            if not c:
+                raise BenchError(f"NBD server closed the connection during the handshake ({export})")
+            b += c
+        return b
+    try:
+        hello = recv(18)
+        if hello[:16] != b"NBDMAGICIHAVEOPT":
+            raise BenchError(f"not a newstyle NBD server at {addr}")
+        sflags = int.from_bytes(hello[16:18], "big")
+        no_zeroes = bool(sflags & 2)
+        s.sendall((1 | (2 if no_zeroes else 0)).to_bytes(4, "big"))
+        name = export.encode()
+        s.sendall(b"IHAVEOPT" + (1).to_bytes(4, "big") + len(name).to_bytes(4, "big") + name)
+        recv(10 + (0 if no_zeroes else 124))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def sample_rss(pid, secs, every=0.1):
+    """Highest VmRSS (kB) seen over `secs` while something else runs."""
+    hi, t_end = 0, time.time() + secs
+    while time.time() < t_end:
+        hi = max(hi, proc_status_kb(pid, "VmRSS").get("VmRSS", 0))
+        time.sleep(every)
+    return hi
+
+
+def start_results(a, kind, size):
+    """Results dir, work dir and the common meta.json fields of a non-fio measurement."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    res = os.path.abspath(a.out or os.path.join(RESULTS_ROOT, f"{stamp}-{kind}"))
+    os.makedirs(os.path.join(res, "logs"), exist_ok=True)
+    work = Work(a.work_dir, size, os.path.join(res, "logs"))
+    work.blockd_engine = a.blockd_engine
+    meta = {"kind": kind, "command": "python3 " + " ".join(shlex.quote(x) for x in
+            [os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *sys.argv[1:]]),
+            "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "size": human(size), "blockd_engine": a.blockd_engine, "machine": machine_facts(work.root)}
+    return res, work, meta
+
+
+def finish_results(res, work, meta, render, title, a):
+    work.stop_all()
+    meta["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    meta["prep"] = work.facts
+    with open(os.path.join(res, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    log(f"{meta['kind']} results -> {res}")
+    if a.report and os.path.exists(os.path.join(res, "meta.json")):
+        update_docs(render(res), a.section or meta["kind"], title=title)
+
+
+def cmd_rss(a):
+    """blockd's memory with N idle clones exported, each with one open NBD connection, and
+    while one more clone is under fio load; peers' memory for one clone (one process each)."""
+    apply_quick(a)
+    if not os.access(BLOCKD_BIN, os.X_OK):
+        raise BenchError(f"{BLOCKD_BIN} not built; run `python3 bench/bench.py setup`")
+    res, work, meta = start_results(a, "rss", parse_size(a.size))
+    meta.update(clones=a.clones, load_runtime_s=a.runtime, samples={})
+    smp = meta["samples"]
+    conns = []
+    try:
+        work.need(["blockd_base_snapshot", "raw"])
+        srv = start_blockd(work, "rss-blockd")
+        try:
+            def rss(label):
+                st = proc_status_kb(srv.pid, "VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads")
+                smp[label] = st
+                log(f"rss {label}: {st}")
+                return st.get("VmRSS", 0)
+            time.sleep(0.5)
+            base = rss("started")
+            t0 = time.time()
+            for i in range(a.clones):
+                api_ok(srv.api, "POST", "/v1/volumes", {"name": f"idle{i}", "from": f"{VOLUME}@base"})
+            meta["create_clones_s"] = round(time.time() - t0, 2)
+            time.sleep(0.5)
+            made = rss("clones_no_connections")
+            for i in range(a.clones):
+                conns.append(nbd_connect_idle(srv.nbd, f"idle{i}"))
+            time.sleep(1.0)
+            idle = rss("clones_each_one_idle_connection")
+            meta["per_clone_kib"] = round((idle - base) / a.clones, 1)
+            meta["per_clone_no_conn_kib"] = round((made - base) / a.clones, 1)
+            meta["per_connection_kib"] = round((idle - made) / a.clones, 1)
+            api_ok(srv.api, "POST", "/v1/volumes", {"name": "busy", "from": f"{VOLUME}@base"})
+            for job in ("rr4k_qd32", "rw4k_qd32"):
+                fio = subprocess.Popen(["fio", f"--name={job}", *COMMON_FIO, f"--runtime={a.runtime}",
+                                        *JOBS[job].args, "--ioengine=nbd", f"--uri=nbd://{srv.nbd}/busy",
+                                        "--output", os.path.join(res, f"{job}.json")],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    hi = sample_rss(srv.pid, a.runtime)
+                finally:
+                    fio.wait()
+                smp[f"load_{job}_max_rss"] = {"VmRSS": hi}
+                rss(f"after_{job}")
+                log(f"rss during {job}: max {hi} kB")
+        finally:
+            for c in conns:
+                c.close()
+            work.stop(srv)
+        # peers: one process per clone; its memory with one idle connection
+        work.warm_job_reads = None
+        peers = {}
+        depths = sorted({TARGETS[t].depth for t in a.peer_targets if TARGETS[t].depth})
+        if depths:
+            work.chain_depths, work.chain_depth = depths, max(depths)
+        for tn in a.peer_targets:
+            t = TARGETS[tn]
+            work.need(list(t.requires))
+            s = t.start(work)
+            c = None
+            try:
+                c = nbd_connect_idle(s.uri.split("//", 1)[1].split("/", 1)[0], QEMU_EXPORT
+                                     if "qemu" in tn or "qcow2" in tn else ("x" if "nbdsrv" in tn else ""))
+                time.sleep(1.0)
+                kb = proc_status_kb(s.pid, "VmRSS").get("VmRSS", 0)
+                kids = sum(proc_status_kb(p, "VmRSS").get("VmRSS", 0) for p in child_pids(s.pid))
+                peers[tn] = {"title": t.title, "rss_kib": kb, "children_rss_kib": kids}
+                log(f"rss {tn}: {kb} kB (+ children {kids} kB)")
+            finally:
+                if c:
+                    c.close()
+                work.stop(s)
+        meta["peers"] = peers
+    finally:
+        finish_results(res, work, meta, render_rss, RSS_TITLE, a)
+    return res
+
+
+RSS_TITLE = "Memory: idle clones and load"
+
+
+def render_rss(res):
+    with open(os.path.join(res, "meta.json")) as f:
+        m = json.load(f)
+    s = m["samples"]
+    L = [f"Run `{os.path.basename(res)}` ({m['started_utc']}), blockd `--io-engine {m.get('blockd_engine')}`, "
+         f"{m['size']} volume:\n", "```", m["command"], "```\n",
+         f"What \"exported\" means here: {m['clones']} clones of `bench@base` created through the REST "
+         f"API (`POST /v1/volumes`, {m.get('create_clones_s')} s for all), each with **one open NBD "
+         f"connection** (fixed newstyle handshake, `NBD_OPT_EXPORT_NAME`, then idle in transmission), "
+         f"so every clone has its live volume object, its connection thread and its buffers, the "
+         f"way a host that attached it would hold it. VmRSS of the blockd process from "
+         f"/proc/PID/status:\n",
+         "| state | VmRSS | RssAnon | RssFile | threads |", "|---|---|---|---|---|"]
+    for k, lbl in (("started", "started, no clones"), ("clones_no_connections", f"{m['clones']} clones, no connection"),
+                   ("clones_each_one_idle_connection", f"{m['clones']} clones, one idle connection each"),
+                   ("after_rr4k_qd32", "after 4k randread QD32 on one more clone"),
+                   ("after_rw4k_qd32", "after 4k randwrite QD32 on it")):
+        v = s.get(k, {})
+        L.append(f"| {lbl} | {v.get('VmRSS', '–')} KiB | {v.get('RssAnon', '–')} KiB | {v.get('RssFile', '–')} KiB | "
+                 f"{v.get('Threads', '–')} |")
+    for job in ("rr4k_qd32", "rw4k_qd32"):
+        v = s.get(f"load_{job}_max_rss", {})
+        L.append(f"| highest during `{job}` ({m['load_runtime_s']} s, {m['clones']} idle connections still open) | "
+                 f"{v.get('VmRSS', '–')} KiB | | | |")
+    ok = m.get("per_clone_kib") is not None and m["per_clone_kib"] < 1024
+    L += ["", f"**Per idle exported clone: {m.get('per_clone_kib')} KiB** ((VmRSS with {m['clones']} connected "
+          f"clones − VmRSS at start) / {m['clones']}; of which {m.get('per_clone_no_conn_kib')} KiB for the "
+          f"clone itself and {m.get('per_connection_kib')} KiB for its connection). Target under 1 MiB per "
+          f"idle clone: {'✓ met' if ok else '✗ missed'}.\n"]
+    if m.get("peers"):
+        L += ["Peers serve one clone per process; memory of one such process with one idle "
+              "connection (what each further clone costs with that peer):\n",
+              "| peer | VmRSS | + children |", "|---|---|---|"]
+        for tn, v in m["peers"].items():
+            L.append(f"| `{tn}`: {v['title']} | {v['rss_kib']} KiB | {v['children_rss_kib']} KiB |")
+        L.append("")
+    return "\n".join(L)
+
+
+# --------------------------------------------------------------------------- pgbench on each server's export
+
+PG_BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
+
+
+class Cleanup:
+    """A stack of clean-up steps run in reverse order, every one of them even if an earlier
+    one fails (umount, losetup -d, fusermount3 -u, stopping PostgreSQL and servers)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def push(self, what, fn):
+        self.steps.append((what, fn))
+
+    def run(self):
+        while self.steps:
+            what, fn = self.steps.pop()
+            try:
+                fn()
+            except Exception as e:
+                log(f"clean-up step failed ({what}): {e}")
+
+
+def run_quiet(cmd, timeout=120, **kw):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if p.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} failed ({p.returncode}): {(p.stdout + p.stderr).strip()[-800:]}")
+    return p.stdout
+
+
+def as_postgres(cmd):
+    return ["runuser", "-u", "postgres", "--", *cmd]
+
+
+def stop_pid(pid, sig=signal.SIGINT, grace=30.0):
+    """Stop a process we started (by pid) with `sig`, SIGKILL after `grace`."""
+    if not pid or not pid_alive(pid):
+        return
+    os.kill(pid, sig)
+    deadline = time.time() + grace
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def pgbench_one(work, res, target, rep, a, cmdlog):
+    """One pgbench measurement on a fresh export of `target`: nbdfuse file -> loop device ->
+    ext4 -> PostgreSQL 15 data dir -> pgbench -i, then pgbench for a.runtime seconds."""
+    row = {"target": target.name, "rep": rep,
+           "start_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    base = os.path.join(work.root, "pg")
+    if os.path.ismount(os.path.join(base, "mnt")):
+        raise BenchError(f"{base}/mnt is still mounted (run `bench.py clean`)")
+    if os.path.exists(base):
+        shutil.rmtree(base)
+    os.makedirs(base)
+    disk, mnt, sockdir = os.path.join(base, "disk"), os.path.join(base, "mnt"), os.path.join(base, "sock")
+    os.makedirs(mnt)
+    os.makedirs(sockdir)
+    shutil.chown(sockdir, "postgres", "postgres")
+    open(disk, "w").close()
+    cl = Cleanup()
+    srv = None
+    try:
+        srv = target.start(work)
+        cl.push("stop server", lambda: work.stop(srv))
+        fuse = subprocess.Popen(["nbdfuse", disk, srv.uri], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=open(os.path.join(res, "nbdfuse.log"), "a"),
+                                start_new_session=True)
+        work.register_pid(fuse.pid, ["nbdfuse", disk, srv.uri])
+
+        def stop_fuse():
+            if os.path.ismount(disk):
+                subprocess.run(["fusermount3", "-u", disk], capture_output=True)
+            try:
+                fuse.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                fuse.kill()
+                fuse.wait()
+            work.unregister_pid(fuse.pid)
+        cl.push("fusermount3 -u", stop_fuse)
+        deadline = time.time() + 20
+        while os.path.getsize(disk) != work.size:
+            if fuse.poll() is not None or time.time() > deadline:
+                raise BenchError(f"nbdfuse did not expose {srv.uri} as {disk}")
+            time.sleep(0.02)
+        loopdev = run_quiet(["losetup", "-f", "--show", disk]).strip()
+        cl.push("losetup -d", lambda: run_quiet(["losetup", "-d", loopdev]))
+        run_quiet(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", loopdev],
+                  timeout=300)
+        run_quiet(["mount", loopdev, mnt])
+        cl.push("umount", lambda: run_quiet(["umount", mnt], timeout=120))
+        pgdata = os.path.join(mnt, "pgdata")
+        os.makedirs(pgdata)
+        shutil.chown(pgdata, "postgres", "postgres")
+        os.chmod(pgdata, 0o700)
+        run_quiet(as_postgres([f"{PG_BIN}/initdb", "-D", pgdata, "-U", "postgres", "-A", "trust", "--no-sync"]),
+                  timeout=300)
+        port = free_port()
+        opts = (f"-k {sockdir} -p {port} -c listen_addresses='' -c shared_buffers=128MB "
+                f"-c max_wal_size=1GB -c checkpoint_timeout=30min")
+        logf = os.path.join(base, "postgres.log")
+        open(logf, "w").close()
+        shutil.chown(logf, "postgres", "postgres")
+        run_quiet(as_postgres([f"{PG_BIN}/pg_ctl", "start", "-D", pgdata, "-w", "-t", "60", "-l", logf,
+                               "-o", opts]), timeout=90)
+        with open(os.path.join(pgdata, "postmaster.pid")) as f:
+            pg_pid = int(f.readline().strip())
+        cl.push("stop postgres", lambda: stop_pid(pg_pid, signal.SIGINT))   # SIGINT = fast shutdown
+        conn = ["-h", sockdir, "-p", str(port), "-U", "postgres"]
+        t0 = time.time()
+        run_quiet(as_postgres(["pgbench", "-i", "-q", "-s", str(a.scale), *conn, "postgres"]), timeout=900)
+        row["init_s"] = round(time.time() - t0, 1)
+        run_quiet(as_postgres(["psql", "-q", *conn, "-c", "CHECKPOINT", "postgres"]), timeout=300)
+        cmd = ["pgbench", "-c", str(a.clients), "-j", str(a.threads), "-T", str(a.runtime), "-n", *conn, "postgres"]
+        if rep == 1:
+            cmdlog.write(f"## {target.name}\nserver: {' '.join(srv.cmd)}\nnbdfuse {disk} {srv.uri}; losetup; "
+                         f"mkfs.ext4; mount; initdb; pg_ctl start -o \"{opts}\"\n"
+                         f"pgbench -i -q -s {a.scale}\n{' '.join(cmd)}\n")
+            cmdlog.flush()
+        c0, s0, t0 = srv.cpu_seconds(), cpu_snapshot(), time.time()
+        out = run_quiet(as_postgres(cmd), timeout=a.runtime * 3 + 60)
+        t1, s1 = time.time(), cpu_snapshot()
+        c1 = srv.cpu_seconds()
+        with open(os.path.join(res, f"pgbench-{target.name}.r{rep}.txt"), "w") as f:
+            f.write(out)
+        for line in out.splitlines():
+            if line.startswith("tps = "):
+                row["tps"] = round(float(line.split()[2]), 1)
+            elif line.startswith("latency average = "):
+                row["lat_avg_ms"] = float(line.split()[3])
+            elif line.startswith("number of transactions actually processed"):
+                row["xacts"] = int(line.split(":")[1].split("/")[0])
+        steal, busy = cpu_delta(s0, s1)
+        row.update(steal_pct=round(steal, 1), busy_pct=round(busy, 1), load1=loadavg())
+        if c0 is not None and c1 is not None:
+            row["srv_cpu_s"] = round(c1 - c0, 2)
+            if row.get("xacts"):
+                row["cpu_ms_per_xact"] = round((c1 - c0) * 1e3 / row["xacts"], 3)
+        row["status"] = "ok" if "tps" in row else "no_tps"
+    except (BenchError, subprocess.SubprocessError, OSError) as e:
+        row["status"] = "failed"
+        log(f"pgbench {target.name} r{rep}: FAILED: {e}")
+    finally:
+        cl.run()
+        if os.path.ismount(mnt) or os.path.ismount(disk):
+            log(f"WARNING: {mnt} or {disk} still mounted after clean-up")
+        syncfs(work.root)
+    log(f"pgbench {target.name:14s} r{rep}: {row.get('status')} tps={row.get('tps', '-')} "
+        f"lat={row.get('lat_avg_ms', '-')}ms cpu/xact={row.get('cpu_ms_per_xact', '-')}ms load={row.get('load1', '-')}")
+    return row
+
+
+PG_FIELDS = ["target", "rep", "start_utc", "status", "tps", "lat_avg_ms", "xacts", "init_s", "srv_cpu_s",
+             "cpu_ms_per_xact", "steal_pct", "busy_pct", "load1"]
+PG_TARGETS = ["blockd_clone", "qemu_tcp", "nbdkit_tcp", "nbdsrv_tcp", "qcow2_d1", "nbdkit_cow_tcp"]
+
+
+def cmd_pgbench(a):
+    apply_quick(a)
+    if a.quick:
+        a.scale = min(a.scale, 5)
+    for b in ("nbdfuse", "losetup", "mkfs.ext4", "fusermount3", "pgbench", "psql", "runuser"):
+        if not shutil.which(b):
+            raise BenchError(f"{b} missing; run `python3 bench/bench.py setup`")
+    if not os.path.exists(f"{PG_BIN}/initdb"):
+        raise BenchError(f"PostgreSQL 15 not found in {PG_BIN}; run `python3 bench/bench.py setup`")
+    res, work, meta = start_results(a, "pgbench", parse_size(a.size))
+    work.warm_job_reads = None
+    targets = a.targets or PG_TARGETS
+    meta.update(reps=a.reps, runtime_s=a.runtime, scale=a.scale, clients=a.clients, threads=a.threads,
+                targets=targets, target_titles={t: TARGETS[t].title for t in targets})
+    rows = []
+    try:
+        needed = []
+        for t in targets:
+            needed += [r for r in TARGETS[t].requires if r not in needed]
+        if any(getattr(TARGETS[t], "depth", 0) for t in targets):
+            work.chain_depths = sorted({TARGETS[t].depth for t in targets if TARGETS[t].depth})
+            work.chain_depth = max(work.chain_depths)
+        work.need(needed)
+        syncfs(work.root)
+        with open(os.path.join(res, "pgbench.csv"), "w", newline="") as f, \
+                open(os.path.join(res, "commands.log"), "w") as cmdlog:
+            wr = csv.DictWriter(f, fieldnames=PG_FIELDS, extrasaction="ignore")
+            wr.writeheader()
+            for rep in range(1, a.reps + 1):
+                k = (rep - 1) % len(targets)
+                for tn in targets[k:] + targets[:k]:
+                    r = pgbench_one(work, res, TARGETS[tn], rep, a, cmdlog)
+                    rows.append(r)
+                    wr.writerow(r)
+                    f.flush()
+    finally:
+        finish_results(res, work, meta, render_pgbench, PG_TITLE, a)
+    return res
+
+
+PG_TITLE = "PostgreSQL pgbench on each server's export"
+
+
+def render_pgbench(res):
+    with open(os.path.join(res, "meta.json")) as f:
+        m = json.load(f)
+    with open(os.path.join(res, "pgbench.csv")) as f:
+        allrows = list(csv.DictReader(f))
+    ok = {}
+    for r in allrows:
+        if r["status"] == "ok":
+            ok.setdefault(r["target"], []).append(r)
+    L = [f"Run `{os.path.basename(res)}`: {m['started_utc']} – {m.get('finished_utc', '?')}, {m['reps']} reps "
+         f"(interleaved, order rotated), {m['size']} export, blockd `--io-engine {m.get('blockd_engine')}`.\n",
+         "```", m["command"], "```\n",
+         f"Per run: a fresh export (blockd: fresh clone of `bench@base`; qcow2: fresh overlay; nbdkit cow: "
+         f"empty overlay; raw-file servers: the raw file) → `nbdfuse` file → loop device → `mkfs.ext4` → "
+         f"PostgreSQL 15 data directory (`initdb`, shared_buffers=128MB, fsync on, Unix socket only) → "
+         f"`pgbench -i -s {m['scale']}`, `CHECKPOINT`, then `pgbench -c {m['clients']} -j {m['threads']} "
+         f"-T {m['runtime_s']} -n` (TPC-B-like). Every fsync of PostgreSQL reaches the server as an NBD "
+         f"FLUSH through nbdfuse. Server CPU per transaction is utime+stime of the server process over the "
+         f"timed pgbench run. Everything is unmounted, detached and stopped after each run.\n",
+         "| target | n | TPS median [min–max] | latency avg ms | server CPU ms/xact | vs best peer |",
+         "|---|---|---|---|---|---|"]
+    meds = {t: med(rs, "tps") for t, rs in ok.items()}
+    peers = [t for t in meds if TARGETS.get(t) and TARGETS[t].role == "peer"]
+    best = max(peers, key=lambda t: meds[t]) if peers else None
+    for t in m["targets"]:
+        rs = ok.get(t, [])
+        if not rs:
+            L.append(f"| `{t}` | 0 | – | – | – | – |")
+            continue
+        tps = [float(r["tps"]) for r in rs]
+        ratio = "best peer" if t == best else (f"**{meds[t] / meds[best]:.2f}** `{best}`" if best else "–")
+        L.append(f"| `{t}` | {len(rs)} | {meds[t]:.0f} [{min(tps):.0f}–{max(tps):.0f}] | "
+                 f"{fmt(med(rs, 'lat_avg_ms'), 2)} | {fmt(med(rs, 'cpu_ms_per_xact'), 3)} | {ratio} |")
+    L.append("")
+    bad = [r for r in allrows if r["status"] != "ok"]
+    if bad:
+        L.append("Runs left out: " + ", ".join(f"{r['target']}/r{r['rep']}: {r['status']}" for r in bad) + "\n")
+    return "\n".join(L)
+
+
 # --------------------------------------------------------------------------- setup / clean / list
 
 APT = {"fio": "fio", "qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils", "qemu-io": "qemu-utils", "nbdkit": "nbdkit",
-       "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin"}
+       "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "nbdfuse": "libnbd-bin", "nbd-server": "nbd-server",
+       "fusermount3": "fuse3", "mkfs.ext4": "e2fsprogs", "losetup": "mount", "pgbench": "postgresql-client-15",
+       "psql": "postgresql-client-15", f"{PG_BIN}/initdb": "postgresql-15", "perf": "linux-perf"}
 
 
 def cmd_setup(a):
-    need = sorted({pkg for b, pkg in APT.items() if not shutil.which(b)})
+    need = sorted({pkg for b, pkg in APT.items()
+                   if not (os.access(b, os.X_OK) if b.startswith("/") else shutil.which(b))})
     if need:
         if os.geteuid() != 0:
             raise BenchError(f"missing packages {need}; run setup as root")
@@ -2035,9 +3067,46 @@ def cmd_clean(a):
                 time.sleep(0.1)
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+    clean_mounts(root)
     if os.path.isdir(root):
         shutil.rmtree(root)
         log(f"removed {root}")
+
+
+def clean_mounts(root):
+    """Undo what a killed pgbench run may have left under `root`: PostgreSQL (stopped by the
+    pid in its postmaster.pid), the ext4 mount, loop devices over files under `root`, and
+    nbdfuse mounts (fusermount3 -u)."""
+    root = os.path.abspath(root)
+    mounts = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            dev, mp, fstype = line.split()[:3]
+            mp = mp.replace("\\040", " ")
+            if mp == root or mp.startswith(root + os.sep):
+                mounts.append((dev, mp, fstype))
+    for dev, mp, fstype in sorted(mounts, key=lambda m: -len(m[1])):
+        if not fstype.startswith("fuse"):
+            pidf = os.path.join(mp, "pgdata", "postmaster.pid")
+            try:
+                with open(pidf) as f:
+                    pid = int(f.readline())
+                log(f"stopping leftover PostgreSQL pid {pid}")
+                stop_pid(pid, signal.SIGINT)
+            except (OSError, ValueError):
+                pass
+            log(f"umount {mp}")
+            subprocess.run(["umount", mp], check=False)
+    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(root + os.sep):
+            log(f"losetup -d {parts[0]} ({parts[1].strip()})")
+            subprocess.run(["losetup", "-d", parts[0]], check=False)
+    for dev, mp, fstype in mounts:
+        if fstype.startswith("fuse"):
+            log(f"fusermount3 -u {mp}")
+            subprocess.run(["fusermount3", "-u", mp], check=False)
 
 
 def cmd_list(a):
@@ -2052,6 +3121,32 @@ def cmd_list(a):
 
 
 # --------------------------------------------------------------------------- main
+
+def cmd_all(a):
+    """One command on a clean machine: install the peers and tools, build blockd, run the
+    peers suite, pgbench and the memory measurement, and write their sections of
+    docs/BENCHMARKS.md."""
+    if "setup" not in a.skip:
+        cmd_setup(a)
+    ns = argparse.Namespace
+    common = dict(work_dir=a.work_dir, quick=a.quick, blockd_engine=a.blockd_engine, out=None, section=None)
+    if "peers" not in a.skip:
+        res = cmd_run(ns(suite="peers", reps=a.reps, runtime=a.runtime, size=a.size, targets=a.targets,
+                         jobs=a.jobs, pause=2.0, report=False, chain_seed=1, pin_cache=None,
+                         **{k: v for k, v in common.items() if k != "section"}))
+        cmd_report(ns(results_dir=res, no_docs=a.no_docs, section=None, keep_flagged=False))
+    if "pgbench" not in a.skip:
+        cmd_pgbench(ns(targets=None, reps=a.reps, runtime=30, size=a.size, scale=20, clients=4, threads=2,
+                       pause=1.0, report=not a.no_docs, **common))
+    if "rss" not in a.skip:
+        cmd_rss(ns(clones=100, size=a.size, runtime=10, peer_targets=["qcow2_d1", "nbdkit_cow_tcp", "nbdsrv_cow_tcp"],
+                   report=not a.no_docs, **common))
+
+
+def apply_quick(a):
+    if getattr(a, "quick", False):
+        a.reps, a.runtime, a.size, a.pause = 1, 3, "256M", 0.5
+
 
 def _on_signal(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
@@ -2073,6 +3168,11 @@ def main():
     r.add_argument("--out", help="results dir (default bench/results/<UTC timestamp>)")
     r.add_argument("--report", action="store_true", help="run `report` (and update the docs) at the end")
     r.add_argument("--chain-seed", type=int, default=1, help="seed of the chain layers' write offsets")
+    r.add_argument("--blockd-engine", default="sync", choices=["sync", "uring"],
+                   help="`blockd serve --io-engine` for blockd targets that do not name one")
+    r.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 rep, 3 s per fio run, 256M volume, 0.5 s pause (overrides "
+                        "--reps/--runtime/--size/--pause)")
     r.add_argument("--pin-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="mlock the prepared data in the page cache for the whole run (default: the "
                         "suite's; on for cow)")
@@ -2080,6 +3180,8 @@ def main():
     p.add_argument("results_dir", nargs="?", help="default: newest dir under bench/results")
     p.add_argument("--no-docs", action="store_true", help="only print, leave docs/BENCHMARKS.md alone")
     p.add_argument("--section", help="marker key in docs/BENCHMARKS.md (default: the run's suite)")
+    p.add_argument("--only", nargs="+", metavar="KEY",
+                   help="write only these sections of a multi-section run (e.g. peers-chains engines)")
     p.add_argument("--keep-flagged", action="store_true",
                    help="count runs flagged disk_reads/cache_dropped in the medians (listed below the tables)")
     c = sub.add_parser("clone-time", help="time snapshot/clone creation (REST, CLI) and qemu-img create -b")
@@ -2092,6 +3194,43 @@ def main():
     c.add_argument("--seed", type=int, default=1)
     c.add_argument("--out", help="results dir (default bench/results/<UTC timestamp>-clone-time)")
     c.add_argument("--report", action="store_true", help="update the clone-time section of docs/BENCHMARKS.md")
+    m = sub.add_parser("rss", help="blockd memory with N idle clones exported (one NBD connection each) "
+                                   "and under load; peers' memory per clone")
+    m.add_argument("--clones", type=int, default=100)
+    m.add_argument("--size", default="2G")
+    m.add_argument("--runtime", type=int, default=10, help="seconds of each load phase")
+    m.add_argument("--blockd-engine", default="sync", choices=["sync", "uring"])
+    m.add_argument("--peer-targets", nargs="*", default=["qcow2_d1", "nbdkit_cow_tcp", "nbdsrv_cow_tcp"])
+    m.add_argument("--quick", action="store_true", help="3 s load phases, 256M volume")
+    m.add_argument("--out")
+    m.add_argument("--report", action="store_true", help="write the rss section of docs/BENCHMARKS.md")
+    m.add_argument("--section")
+    g = sub.add_parser("pgbench", help="pgbench on PostgreSQL 15 whose data dir is on each server's export "
+                                       "(nbdfuse + loop + ext4)")
+    g.add_argument("--targets", nargs="+", help=f"default: {' '.join(PG_TARGETS)}")
+    g.add_argument("--reps", type=int, default=3)
+    g.add_argument("--runtime", type=int, default=30, help="seconds of the timed pgbench run")
+    g.add_argument("--size", default="2G")
+    g.add_argument("--scale", type=int, default=20, help="pgbench -i -s")
+    g.add_argument("--clients", type=int, default=4)
+    g.add_argument("--threads", type=int, default=2)
+    g.add_argument("--pause", type=float, default=1.0)
+    g.add_argument("--blockd-engine", default="sync", choices=["sync", "uring"])
+    g.add_argument("--quick", action="store_true", help="1 rep, 3 s, 256M export, scale <= 5")
+    g.add_argument("--out")
+    g.add_argument("--report", action="store_true", help="write the pgbench section of docs/BENCHMARKS.md")
+    g.add_argument("--section")
+    al = sub.add_parser("all", help="setup (installs the peers), then the peers suite, pgbench and rss, "
+                                    "and writes every section of docs/BENCHMARKS.md")
+    al.add_argument("--reps", type=int, default=3)
+    al.add_argument("--runtime", type=int, default=10)
+    al.add_argument("--size", default="2G")
+    al.add_argument("--quick", action="store_true", help="smoke test of the whole pipeline")
+    al.add_argument("--blockd-engine", default="sync", choices=["sync", "uring"])
+    al.add_argument("--targets", nargs="+", help="subset of the peers suite's targets")
+    al.add_argument("--jobs", nargs="+", help="subset of the peers suite's jobs")
+    al.add_argument("--skip", nargs="*", default=[], choices=["setup", "peers", "pgbench", "rss"])
+    al.add_argument("--no-docs", action="store_true")
     sub.add_parser("clean", help="stop servers left by a killed run, remove the work dir")
     sub.add_parser("list", help="suites, targets, jobs")
     a = ap.parse_args()
@@ -2106,7 +3245,8 @@ def main():
                                              keep_flagged=False))
         else:
             {"setup": cmd_setup, "report": cmd_report, "clean": cmd_clean, "list": cmd_list,
-             "clone-time": cmd_clone_time}[a.cmd](a)
+             "clone-time": cmd_clone_time, "rss": cmd_rss, "pgbench": cmd_pgbench,
+             "all": cmd_all}[a.cmd](a)
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 1

@@ -17,6 +17,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== tests"
 cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"
 
+echo "== end-to-end tests again on the io_uring engine"
+BLOCKD_IO_ENGINE=uring cargo test -p blockd --no-fail-fast --test server --test crash \
+  --test store_cli --test cli -- --test-threads="${TEST_THREADS:-4}"
+
 if [ "${FUZZ_SECONDS:-15}" != 0 ]; then
   echo "== fuzz smoke (${FUZZ_SECONDS:-15}s per target)"
   scripts/fuzz.sh "${FUZZ_SECONDS:-15}"

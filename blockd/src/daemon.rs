@@ -21,7 +21,7 @@ use crate::nbd::server::Server;
 use crate::store::catalog::Config;
 use crate::store::compact::Policy;
 use crate::store::engine::Store;
-use crate::store::io::sync::SyncFs;
+use crate::store::io::IoEngine;
 
 /// Everything `serve` needs, already parsed.
 #[derive(Debug, Clone)]
@@ -42,6 +42,8 @@ pub struct ServeConfig {
     pub clone_listen: String,
     /// Time between checks for expired clones and images.
     pub expiry_interval: Duration,
+    /// The store's I/O engine.
+    pub io_engine: IoEngine,
 }
 
 fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
@@ -64,7 +66,14 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
             cfg.data_dir.display()
         )
     })?;
-    let store = Store::open(Arc::new(SyncFs), &cfg.data_dir, Config::default())
+    let fs = cfg.io_engine.fs().with_context(|| {
+        format!(
+            "cannot use the {} I/O engine; start with --io-engine sync",
+            cfg.io_engine.name()
+        )
+    })?;
+    tracing::info!(engine = cfg.io_engine.name(), "I/O engine");
+    let store = Store::open(fs, &cfg.data_dir, Config::default())
         .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
     for note in &store.recovery_notes {
         tracing::warn!(%note, "recovery");

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use blockd::cli::{self, Output, client::Client, transfer};
 use blockd::daemon::{self, ServeConfig};
 use blockd::nbd::Limits;
+use blockd::store::io::IoEngine;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,6 +111,18 @@ struct ServeArgs {
     /// port 0).
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// How the store reads and writes its files: `sync` (pread/pwrite/fdatasync) or `uring`
+    /// (io_uring, one ring per I/O thread; fails at start-up if the kernel refuses it).
+    /// Same bytes on disk either way. See docs/BENCHMARKS.md for the measurements behind
+    /// the default.
+    #[arg(long, env = "BLOCKD_IO_ENGINE", value_enum, default_value_t = IoEngineArg::Sync)]
+    io_engine: IoEngineArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum IoEngineArg {
+    Sync,
+    Uring,
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -346,6 +359,10 @@ fn serve(args: ServeArgs, api: String) -> Result<()> {
         clone_ports: args.clone_ports,
         clone_listen: args.clone_listen,
         expiry_interval: args.expiry_interval,
+        io_engine: match args.io_engine {
+            IoEngineArg::Sync => IoEngine::Sync,
+            IoEngineArg::Uring => IoEngine::Uring,
+        },
     })
 }
 

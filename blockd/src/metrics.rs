@@ -360,7 +360,7 @@ impl ConnMetrics {
 
 // ------------------------------------------------------------------ store
 
-/// Every fdatasync the plain-syscall I/O engine makes. A process-wide family because the
+/// Every fdatasync either I/O engine makes. A process-wide family because an
 /// engine is a stateless value shared by every file it opens.
 static FDATASYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     histogram(
@@ -370,7 +370,7 @@ static FDATASYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     )
 });
 
-/// The fdatasync latency histogram (observed by `store::io::sync`).
+/// The fdatasync latency histogram (observed by `store::io::sync` and `store::io::uring`).
 pub fn fdatasync_seconds() -> &'static Histogram {
     &FDATASYNC_SECONDS
 }

@@ -35,7 +35,7 @@ use super::compact::Policy;
 use super::engine::{SnapshotDeletion, Store};
 use super::format::{DAT_HEADER_BYTES, ENTRY_BYTES, MAX_RECORD_BYTES};
 use super::io::mem::{MemFs, Rng};
-use super::io::{FileIo, Fs};
+use super::io::{FileIo, Fs, IoEngine};
 use super::map::Target;
 use super::volume::STATUS_SECTOR_BYTES;
 use super::{ErrorKind, ExtentState, Result, ZeroMode, segment, verify};
@@ -737,6 +737,9 @@ fn max_state(state: &[u8]) -> ExtentState {
 
 struct World {
     fs: MemFs,
+    /// Set by the `*_on_files_*` tests: the store runs on real files in a temporary
+    /// directory through a production I/O engine instead of on `fs`.
+    files: Option<(tempfile::TempDir, Arc<dyn Fs>)>,
     /// Set in crash tests: the store runs on a [`CrashFs`] over `fs`.
     point: Option<Arc<Mutex<CrashPoint>>>,
     store: Option<Store>,
@@ -766,6 +769,7 @@ impl World {
         });
         let mut w = World {
             fs: MemFs::new(),
+            files: None,
             point,
             store: None,
             m: Model::default(),
@@ -780,11 +784,32 @@ impl World {
         w
     }
 
+    /// A world whose store lives in a temporary directory, served by `engine` (no fault
+    /// injection: for the model-based sequences only).
+    fn on_files(test: &'static str, seed: u64, salt: u64, p: Params, engine: IoEngine) -> World {
+        let mut w = World::new(test, seed, salt, p, false);
+        w.store = None;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let fs = engine.fs().expect("the I/O engine is available");
+        w.files = Some((dir, fs));
+        w.store = Some(w.open_store().expect("open a new store on files"));
+        w
+    }
+
     fn store(&self) -> &Store {
         self.store.as_ref().expect("the store is open")
     }
 
     fn open_store(&self) -> Result<Store> {
+        if let Some((dir, fs)) = &self.files {
+            return Store::open(
+                fs.clone(),
+                dir.path(),
+                Config {
+                    segment_bytes: self.p.segment_bytes,
+                },
+            );
+        }
         let fs: Arc<dyn Fs> = match &self.point {
             Some(p) => Arc::new(CrashFs {
                 inner: self.fs.clone(),
@@ -1425,7 +1450,10 @@ impl World {
     }
 
     fn check_verify(&self) {
-        let rep = verify::check(&self.fs, Path::new(DIR));
+        let rep = match &self.files {
+            Some((dir, fs)) => verify::check(&**fs, dir.path()),
+            None => verify::check(&self.fs, Path::new(DIR)),
+        };
         assert_eq!(
             rep.errors(),
             0,
@@ -1639,13 +1667,17 @@ impl World {
 // ------------------------------------------------------------------ 1. model-based
 
 fn model_seed(seed: u64) {
-    let mut w = World::new(
+    let w = World::new(
         "model_based_operation_sequences",
         seed,
         0x6d6f_6465_6c00,
         MODEL_PARAMS,
         false,
     );
+    model_run(w);
+}
+
+fn model_run(mut w: World) {
     for _ in 0..1 + w.rng.below(2) {
         w.op_create_volume();
     }
@@ -1669,6 +1701,36 @@ fn model_based_operation_sequences() {
     for seed in seeds(50) {
         model_seed(seed);
     }
+}
+
+/// The same sequences on real files, through each production I/O engine (fewer seeds:
+/// real fdatasyncs are slow).
+fn model_on_files(engine: IoEngine, test: &'static str) {
+    for seed in seeds(6) {
+        model_run(World::on_files(
+            test,
+            seed,
+            0x6d6f_6465_6c00,
+            MODEL_PARAMS,
+            engine,
+        ));
+    }
+}
+
+#[test]
+fn model_based_operation_sequences_on_files_sync() {
+    model_on_files(
+        IoEngine::Sync,
+        "model_based_operation_sequences_on_files_sync",
+    );
+}
+
+#[test]
+fn model_based_operation_sequences_on_files_uring() {
+    model_on_files(
+        IoEngine::Uring,
+        "model_based_operation_sequences_on_files_uring",
+    );
 }
 
 // ------------------------------------------------------------------ 2. crashes

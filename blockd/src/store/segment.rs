@@ -268,21 +268,73 @@ impl Active {
     /// Appends a write: payload first, then its provisional entry. On error nothing is
     /// recorded (a payload written without its entry is dead space, never data).
     pub fn append_write(&mut self, logical: u64, payload: &[u8], crc: u32) -> Result<Record> {
-        let len = payload.len() as u64;
-        let data_off = format::payload_offset(self.dat_tail, len);
+        let mut one = self.append_writes(logical, payload, &[crc])?;
+        one.pop()
+            .ok_or_else(|| StoreError::io(self.what(), std::io::Error::other("no record appended")))
+    }
+
+    /// Appends a write of several records: `payload` cut into pieces of
+    /// `MAX_RECORD_BYTES`, one checksum per piece in `crcs`. The pieces are laid out back
+    /// to back in `.dat` and their entries in consecutive `.idx` slots, exactly as one
+    /// `append_write` per piece would lay them out, but with one write for all payloads
+    /// and one for all entries. On error nothing is recorded.
+    pub fn append_writes(
+        &mut self,
+        logical: u64,
+        payload: &[u8],
+        crcs: &[u32],
+    ) -> Result<Vec<Record>> {
+        let pieces = payload.chunks(format::MAX_RECORD_BYTES);
+        if pieces.len() != crcs.len() || payload.is_empty() {
+            return Err(StoreError::io(
+                self.what(),
+                std::io::Error::other("one checksum per record piece expected"),
+            ));
+        }
+        let first_off = format::payload_offset(
+            self.dat_tail,
+            payload.len().min(format::MAX_RECORD_BYTES) as u64,
+        );
+        let mut records = Vec::with_capacity(crcs.len());
+        let mut entries = Vec::with_capacity(crcs.len() * ENTRY_BYTES);
+        let mut off = first_off;
+        for (i, (piece, &crc)) in pieces.zip(crcs).enumerate() {
+            let len = piece.len() as u64;
+            // Every piece but the last is a multiple of 4096 long, so each next piece
+            // starts right where the previous one ended (its aligned offset).
+            let data_off = format::payload_offset(off, len);
+            if data_off != off && i > 0 {
+                return Err(StoreError::io(
+                    self.what(),
+                    std::io::Error::other("record pieces are not contiguous"),
+                ));
+            }
+            let record = Record::Write {
+                seq: self.next_seq + i as u64,
+                logical: logical + (i * format::MAX_RECORD_BYTES) as u64,
+                len: len as u32,
+                data_off,
+                data_crc: crc,
+            };
+            entries.extend_from_slice(&format::encode_record(&record, false));
+            records.push(record);
+            off = data_off + len;
+        }
+        // Payloads, then entries: one submission on engines that can link the two writes.
         self.seg
             .dat
-            .write_all_at(payload, data_off)
+            .write_pair(
+                payload,
+                first_off,
+                &*self.idx,
+                &entries,
+                self.idx_slots * ENTRY_BYTES as u64,
+            )
             .map_err(|e| StoreError::io(format!("appending to segment {:016x}", self.seg.id), e))?;
-        let record = Record::Write {
-            seq: self.next_seq,
-            logical,
-            len: len as u32,
-            data_off,
-            data_crc: crc,
-        };
-        self.append_entry(record)?;
-        self.dat_tail = data_off + len;
+        for r in &records {
+            self.entry_appended(*r);
+        }
+        self.dat_tail = off;
         // Keep the dirty payload bytes of the active segment small, so that the sync
         // when it is sealed (and every flush) finds little left to write.
         if self.dat_tail - self.writeback_from >= WRITEBACK_CHUNK_BYTES {
@@ -292,7 +344,11 @@ impl Active {
                 .start_writeback(self.writeback_from, self.dat_tail - self.writeback_from);
             self.writeback_from = self.dat_tail;
         }
-        Ok(record)
+        Ok(records)
+    }
+
+    fn what(&self) -> String {
+        format!("appending to segment {:016x}", self.seg.id)
     }
 
     pub fn append_zero(&mut self, logical: u64, len: u64, keep_allocated: bool) -> Result<Record> {
@@ -313,10 +369,14 @@ impl Active {
                 self.idx_slots * ENTRY_BYTES as u64,
             )
             .map_err(|e| StoreError::io(format!("appending to segment {:016x}", self.seg.id), e))?;
+        self.entry_appended(record);
+        Ok(())
+    }
+
+    fn entry_appended(&mut self, record: Record) {
         self.idx_slots += 1;
         self.records.push(record);
         self.next_seq += 1;
-        Ok(())
     }
 
     pub fn uncommitted(&self) -> usize {
@@ -393,11 +453,10 @@ impl Pending {
         if self.sync_dat {
             self.dat.sync_data()?;
         }
-        self.idx.write_all_at(
+        self.idx.write_all_at_and_sync(
             &format::encode_batch(&self.records, self.seal),
             self.slot * ENTRY_BYTES as u64,
-        )?;
-        self.idx.sync_data()
+        )
     }
 }
 

@@ -195,12 +195,37 @@ fn pieces(map: &Map, offset: u64, len: u64) -> Vec<Piece> {
 }
 
 /// Fills `buf` (which starts at `offset`) from `pieces`.
+///
+/// Consecutive pieces stored back to back in the same segment are read with one call: a
+/// volume filled with 4 KiB writes maps a 1 MiB range as 256 pieces, but sequential
+/// writes are also sequential in the log, so that is usually one read, not 256.
 fn read_pieces(pieces: Vec<Piece>, offset: u64, buf: &mut [u8]) -> Result<()> {
-    for (o, l, t) in pieces {
-        let dst = &mut buf[(o - offset) as usize..(o - offset + l) as usize];
+    let mut i = 0;
+    while i < pieces.len() {
+        let (o, l, t) = &pieces[i];
+        let start = (o - offset) as usize;
         match t {
-            Some(Target::Data(loc)) => loc.seg.read(dst, loc.off)?,
-            Some(Target::Zero) | None => dst.fill(0),
+            Some(Target::Data(loc)) => {
+                let mut end = o + l;
+                let mut j = i + 1;
+                while let Some((o2, l2, Some(Target::Data(next)))) = pieces.get(j) {
+                    if *o2 != end
+                        || !Arc::ptr_eq(&next.seg, &loc.seg)
+                        || next.off != loc.off + (end - o)
+                    {
+                        break;
+                    }
+                    end += l2;
+                    j += 1;
+                }
+                loc.seg
+                    .read(&mut buf[start..(end - offset) as usize], loc.off)?;
+                i = j;
+            }
+            Some(Target::Zero) | None => {
+                buf[start..(o - offset + l) as usize].fill(0);
+                i += 1;
+            }
         }
     }
     Ok(())
@@ -406,23 +431,43 @@ impl VolumeCore {
         Ok(())
     }
 
-    fn append(&self, record: impl FnOnce(&mut Active) -> Result<Record>, len: u64) -> Result<()> {
+    fn append<R: AsRef<[Record]>>(
+        &self,
+        records: impl FnOnce(&mut Active) -> Result<R>,
+        len: u64,
+    ) -> Result<()> {
         let mut log = self.log_with_room(len)?;
         let active = log
             .active
             .as_mut()
             .ok_or_else(|| StoreError::io(self.what(), io::Error::other("no active segment")))?;
-        let rec = record(active)?;
+        let recs = records(active)?;
         let seg = active.seg.clone();
-        self.state.write().apply(&rec, &seg);
+        let mut st = self.state.write();
+        for rec in recs.as_ref() {
+            st.apply(rec, &seg);
+        }
+        drop(st);
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    fn write_chunk(&self, logical: u64, payload: &[u8]) -> Result<()> {
-        let crc = format::payload_crc(payload);
+    /// Writes `payload` at `logical` as one append (one record per `MAX_RECORD_BYTES`
+    /// piece, checksummed before the log lock is taken).
+    fn write_records(&self, logical: u64, payload: &[u8]) -> Result<()> {
+        if payload.len() <= MAX_RECORD_BYTES {
+            let crc = format::payload_crc(payload);
+            return self.append(
+                |a| a.append_write(logical, payload, crc).map(|r| [r]),
+                payload.len() as u64,
+            );
+        }
+        let crcs: Vec<u32> = payload
+            .chunks(MAX_RECORD_BYTES)
+            .map(format::payload_crc)
+            .collect();
         self.append(
-            |a| a.append_write(logical, payload, crc),
+            |a| a.append_writes(logical, payload, &crcs),
             payload.len() as u64,
         )
     }
@@ -439,7 +484,10 @@ impl VolumeCore {
                 return Ok(());
             }
         }
-        self.append(|a| a.append_zero(logical, len, keep_allocated), 0)
+        self.append(
+            |a| a.append_zero(logical, len, keep_allocated).map(|r| [r]),
+            0,
+        )
     }
 
     /// Commits everything appended so far: the flush leader's work.
@@ -552,9 +600,17 @@ impl Volume for VolumeHandle {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         check_range(offset, data.len() as u64, self.core.size)?;
-        for (i, chunk) in data.chunks(MAX_RECORD_BYTES).enumerate() {
+        if data.is_empty() {
+            return Ok(());
+        }
+        // One append per segment's worth at most, so a write never needs more room than a
+        // segment has.
+        let per_append = (self.core.ctx.config.segment_bytes / 2)
+            .max(MAX_RECORD_BYTES as u64)
+            .next_multiple_of(MAX_RECORD_BYTES as u64) as usize;
+        for (i, chunk) in data.chunks(per_append).enumerate() {
             self.core
-                .write_chunk(offset + (i * MAX_RECORD_BYTES) as u64, chunk)?;
+                .write_records(offset + (i * per_append) as u64, chunk)?;
         }
         Ok(())
     }

@@ -15,6 +15,35 @@ pub struct SyncFs;
 #[derive(Debug)]
 pub struct SyncFile(File);
 
+impl SyncFile {
+    /// Opens an existing file for reading and writing.
+    pub fn open(path: &Path) -> io::Result<SyncFile> {
+        Ok(SyncFile(
+            OpenOptions::new().read(true).write(true).open(path)?,
+        ))
+    }
+
+    /// Creates a new file; fails if it exists.
+    pub fn create(path: &Path) -> io::Result<SyncFile> {
+        Ok(SyncFile(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)?,
+        ))
+    }
+
+    #[cfg(test)]
+    pub fn open_read_only(path: &Path) -> io::Result<SyncFile> {
+        Ok(SyncFile(File::open(path)?))
+    }
+
+    pub fn file(&self) -> &File {
+        &self.0
+    }
+}
+
 impl FileIo for SyncFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         loop {
@@ -81,6 +110,10 @@ impl FileIo for SyncFile {
     fn allocated_bytes(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.blocks().saturating_mul(512))
     }
+
+    fn raw_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        Some(self.0.as_raw_fd())
+    }
 }
 
 impl Fs for SyncFs {
@@ -89,19 +122,11 @@ impl Fs for SyncFs {
     }
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn FileIo>> {
-        Ok(Arc::new(SyncFile(
-            OpenOptions::new().read(true).write(true).open(path)?,
-        )))
+        Ok(Arc::new(SyncFile::open(path)?))
     }
 
     fn create(&self, path: &Path) -> io::Result<Arc<dyn FileIo>> {
-        Ok(Arc::new(SyncFile(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(path)?,
-        )))
+        Ok(Arc::new(SyncFile::create(path)?))
     }
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
