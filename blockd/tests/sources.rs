@@ -150,8 +150,9 @@ fn lsn(s: &str) -> u64 {
     (u64::from_str_radix(hi, 16).expect("LSN") << 32) | u64::from_str_radix(lo, 16).expect("LSN")
 }
 
-/// The end of the commit record of transaction `xid` in the primary's WAL (the start of
-/// the record after it), read with pg_waldump between `from` and `to`.
+/// The end of the commit record of transaction `xid` in the primary's WAL (where the record
+/// after it starts, less a page header in between), read with pg_waldump between `from`
+/// and `to`.
 fn commit_end(p: &Primary, xid: &str, from: &str, to: &str) -> u64 {
     let wal = p.data.join("pg_wal").display().to_string();
     let out = Command::new("runuser")
@@ -179,10 +180,19 @@ fn commit_end(p: &Primary, xid: &str, from: &str, to: &str) -> u64 {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
-    records
+    let next = records
         .get(i + 1)
         .map(|r| r.0)
-        .unwrap_or_else(|| panic!("the commit of {xid} is the last record before {to}"))
+        .unwrap_or_else(|| panic!("the commit of {xid} is the last record before {to}"));
+    // A record that fills its page to the end is followed by the next page's header (24
+    // bytes, 40 at the start of a 16 MiB segment): then it ended at the page boundary.
+    const PAGE: u64 = 8192;
+    const SEGMENT: u64 = 16 << 20;
+    match (next % SEGMENT, next % PAGE) {
+        (40, _) => next - 40,
+        (_, 24) => next - 24,
+        _ => next,
+    }
 }
 
 fn revisions(show: &Value) -> Vec<u64> {
