@@ -596,7 +596,7 @@ impl ControlPlane {
 
     /// Makes a new revision (see the module docs).
     pub(crate) fn refresh_inner(&self, name: &str) -> CResult<RevisionView> {
-        let _busy = self.claim(format!("source:{name}"), &format!("source {name}"))?;
+        let _busy = self.claim_source(name)?;
         self.record_refresh(name, self.refresh_locked(name))
     }
 
@@ -815,7 +815,7 @@ impl ControlPlane {
     pub fn delete_source(&self, caller: &Caller, name: &str) -> CResult<()> {
         caller.require_admin("deleting sources")?;
         let src = self.source_rec(name)?;
-        let _busy = self.claim(format!("source:{name}"), &format!("source {name}"))?;
+        let _busy = self.claim_source(name)?;
         let users: Vec<String> = self
             .state
             .lock()
@@ -909,6 +909,21 @@ impl ControlPlane {
         }
     }
 
+    /// Holds a source for an operation requested through the API, waiting up to a minute
+    /// for one in progress (a scheduled refresh, a standby restart) to finish.
+    fn claim_source(&self, name: &str) -> CResult<super::plane::BusyGuard<'_>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.claim(format!("source:{name}"), &format!("source {name}")) {
+                Ok(b) => return Ok(b),
+                Err(e) if e.kind != Kind::Busy || std::time::Instant::now() >= deadline => {
+                    return Err(e);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
     /// Scheduled refreshes and standby supervision, from the control thread.
     pub(crate) fn tick_sources(&self) {
         let now = now_unix();
@@ -916,6 +931,18 @@ impl ControlPlane {
         for s in sources.iter().filter(|s| s.state == SourceState::Ready) {
             if self.is_stopping() {
                 return;
+            }
+            // Lag for the gauges: only queries, so without holding the source.
+            let measure = self
+                .lag_measured
+                .lock()
+                .get(&s.name)
+                .is_none_or(|t| t.elapsed() >= LAG_INTERVAL);
+            if measure {
+                self.replication(s);
+                self.lag_measured
+                    .lock()
+                    .insert(s.name.clone(), std::time::Instant::now());
             }
             // Held while restarting or refreshing: a delete or an on-demand refresh waits.
             let Ok(_busy) = self.claim(format!("source:{}", s.name), "source") else {
@@ -929,17 +956,6 @@ impl ControlPlane {
                     }
                 }
                 continue;
-            }
-            let measure = self
-                .lag_measured
-                .lock()
-                .get(&s.name)
-                .is_none_or(|t| t.elapsed() >= LAG_INTERVAL);
-            if measure {
-                self.replication(s);
-                self.lag_measured
-                    .lock()
-                    .insert(s.name.clone(), std::time::Instant::now());
             }
             if let RefreshMode::Every { seconds } = s.refresh {
                 // A failed refresh is tried again an interval later, not every second.
