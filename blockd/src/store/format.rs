@@ -399,8 +399,13 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, FormatError> {
             if len == 0 || len > MAX_RECORD_BYTES as u64 {
                 return Err(FormatError::Invalid("write length"));
             }
-            if logical.checked_add(len).is_none() {
-                return Err(FormatError::Invalid("write range overflows"));
+            if logical
+                .checked_add(len)
+                .is_none_or(|end| end > super::MAX_VOLUME_BYTES)
+            {
+                return Err(FormatError::Invalid(
+                    "write range beyond the largest volume",
+                ));
             }
             if data_off < DAT_HEADER_BYTES || !data_off.is_multiple_of(PAYLOAD_ALIGN_BYTES) {
                 return Err(FormatError::Invalid("payload offset"));
@@ -424,7 +429,11 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, FormatError> {
             check_reserved(b, 32, 44)?;
             let logical = get_u64(b, 16);
             let len = get_u64(b, 24);
-            if len == 0 || logical.checked_add(len).is_none() {
+            if len == 0
+                || logical
+                    .checked_add(len)
+                    .is_none_or(|end| end > super::MAX_VOLUME_BYTES)
+            {
                 return Err(FormatError::Invalid("zero range"));
             }
             if flags & FLAG_SEAL != 0 {
@@ -543,6 +552,34 @@ pub fn decode_catalog(bytes: &[u8]) -> Result<(u64, &[u8]), FormatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_beyond_the_largest_volume_are_invalid() {
+        let max = crate::store::MAX_VOLUME_BYTES;
+        let write = |logical| Record::Write {
+            seq: 1,
+            logical,
+            len: 4096,
+            data_off: 8192,
+            data_crc: 0,
+        };
+        let zero = |logical, len| Record::Zero {
+            seq: 1,
+            logical,
+            len,
+            keep_allocated: false,
+        };
+        for ok in [write(max - 4096), zero(0, max)] {
+            assert!(decode_entry(&encode_record(&ok, false)).is_ok(), "{ok:?}");
+        }
+        // The fuzz finding: a zero range ending at 2^64 - 1.
+        for bad in [write(max - 4095), zero(1, max), zero(u64::MAX - 10, 10)] {
+            assert!(
+                decode_entry(&encode_record(&bad, false)).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn records_round_trip_and_any_flipped_bit_is_caught() {
