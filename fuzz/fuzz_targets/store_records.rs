@@ -257,17 +257,24 @@ fn check_record(r: &Record) {
             ..
         } => {
             assert!(len > 0 && len as usize <= MAX_RECORD_BYTES, "{r:?}");
-            assert!(logical.checked_add(u64::from(len)).is_some(), "{r:?}");
+            assert!(within_volume(logical, u64::from(len)), "{r:?}");
             assert!(data_off >= DAT_HEADER_BYTES, "{r:?}");
             assert!(data_off.is_multiple_of(PAYLOAD_ALIGN_BYTES), "{r:?}");
             assert!(data_off.checked_add(u64::from(len)).is_some(), "{r:?}");
         }
         Record::Zero { logical, len, .. } => {
-            assert!(len > 0 && logical.checked_add(len).is_some(), "{r:?}");
+            assert!(len > 0 && within_volume(logical, len), "{r:?}");
         }
     }
     let (logical, len) = r.logical();
-    assert!(len > 0 && logical.checked_add(len).is_some());
+    assert!(len > 0 && within_volume(logical, len));
+}
+
+/// A record's range ends at or before the largest volume (16 TiB).
+fn within_volume(logical: u64, len: u64) -> bool {
+    logical
+        .checked_add(len)
+        .is_some_and(|end| end <= blockd::store::MAX_VOLUME_BYTES)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,7 +356,7 @@ fn check_encode_fields(w: &Window) {
     };
     let (logical, len) = record.logical();
     let valid = len > 0
-        && logical.checked_add(len).is_some()
+        && within_volume(logical, len)
         && match record {
             Record::Write { data_off, .. } => {
                 len as usize <= MAX_RECORD_BYTES
