@@ -4,7 +4,7 @@
 #   scripts/fuzz.sh [SECONDS]
 #
 # Targets (`cargo fuzz list`): the nbd-proto decoders (handshake_options, requests, replies)
-# and the store's on-disk format and recovery (store_records, catalog, segment_replay,
+# and the store's on-disk format and recovery (store_records, catalog, catalog_log, segment_replay,
 # store_open), the latter built on the blockd library. The first build compiles blockd's
 # whole dependency tree with sanitizer instrumentation: a few minutes on a 2-core machine;
 # later builds only recompile what changed.

@@ -44,8 +44,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use blockd::store::catalog::{Catalog, catalog_path};
-use blockd::store::format::{ENTRY_BYTES, Entry, Record, decode_catalog, decode_entry};
+use blockd::store::catalog::{Catalog, read_catalog};
+use blockd::store::format::{ENTRY_BYTES, Entry, Record, decode_entry};
+use blockd::store::io::sync::SyncFs;
 use common::nbd::{Client, encode_request};
 use common::{Daemon, blockd_bin, run_with_timeout};
 use nbd_proto::consts::*;
@@ -603,9 +604,10 @@ fn snapshotter(
 /// torn record), or None if no segment has such a record.
 fn tear_unflushed_record(data_dir: &Path, rng: &mut Rng) -> Option<(u64, u64)> {
     let seg_dir = data_dir.join("segments");
-    let catalog = std::fs::read(catalog_path(data_dir)).expect("read the catalog");
-    let (_, body) = decode_catalog(&catalog).expect("a valid catalog");
-    let catalog: Catalog = serde_json::from_slice(body).expect("catalog JSON");
+    let catalog: Catalog = read_catalog(&SyncFs, data_dir)
+        .expect("a valid catalog")
+        .expect("a catalog")
+        .cat;
     let mut candidates: Vec<(u64, u64, u64, u32)> = Vec::new(); // (segment, seq, data_off, len)
     for id in catalog.segment_ids() {
         let bytes = std::fs::read(seg_dir.join(format!("{id:016x}.idx"))).expect("read .idx");

@@ -1,20 +1,21 @@
-//! Every on-disk format version stays readable: a store written by format version 1 is
-//! checked in under tests/fixtures/store-v1 and must open with the expected contents.
+//! Every on-disk format version stays readable: a store written by each format version is
+//! checked in under tests/fixtures/store-v<N> and must open with the expected contents.
 //!
-//! The fixture was made by `cargo test --test format_fixture -- --ignored generate_v1`
-//! (do not regenerate it for a new version: add a new fixture beside it).
+//! The fixtures were made by `cargo test --test format_fixture -- --ignored generate_v<N>`
+//! with the blockd of that version (never regenerate one: add a new fixture beside it).
+//! Both hold the same store; version 2 keeps most of its catalog in `catalog.log`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blockd::names::Name;
-use blockd::store::catalog::Config;
+use blockd::store::catalog::{Config, read_catalog};
 use blockd::store::engine::Store;
 use blockd::store::io::sync::SyncFs;
 use blockd::store::{ExtentState, Volume, ZeroMode};
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1")
+fn fixture_dir(version: u16) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/store-v{version}"))
 }
 
 fn name(s: &str) -> Name {
@@ -34,7 +35,7 @@ fn read(v: &Arc<dyn Volume>, off: u64, len: usize) -> Vec<u8> {
 }
 
 /// Copies the fixture to a temporary directory (opening a store may seal segments).
-fn copy_fixture() -> tempfile::TempDir {
+fn copy_fixture(version: u16) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().expect("tempdir");
     let copy = |from: &Path, to: &Path| {
         std::fs::create_dir_all(to).expect("mkdir");
@@ -45,19 +46,53 @@ fn copy_fixture() -> tempfile::TempDir {
             }
         }
     };
-    copy(&fixture_dir(), tmp.path());
+    copy(&fixture_dir(version), tmp.path());
     copy(
-        &fixture_dir().join("segments"),
+        &fixture_dir(version).join("segments"),
         &tmp.path().join("segments"),
     );
     tmp
 }
 
+fn catalog_version(dir: &Path) -> u16 {
+    read_catalog(&SyncFs, dir)
+        .expect("catalog reads")
+        .expect("catalog exists")
+        .version
+}
+
 #[test]
 fn format_v1_store_opens_with_its_contents() {
-    let tmp = copy_fixture();
+    let tmp = copy_fixture(1);
+    assert_eq!(catalog_version(tmp.path()), 1);
     let store =
         Store::open(Arc::new(SyncFs), tmp.path(), Config::default()).expect("v1 store opens");
+    // Opening rewrote the catalog as version 2 (older blockd must not open it: it would
+    // ignore the catalog log).
+    assert_eq!(catalog_version(tmp.path()), 2);
+    check_contents(&store, tmp.path());
+    drop(store);
+    let store = Store::open(Arc::new(SyncFs), tmp.path(), Config::default()).expect("reopens");
+    check_contents(&store, tmp.path());
+}
+
+#[test]
+fn format_v2_store_opens_with_its_contents() {
+    let tmp = copy_fixture(2);
+    let r = read_catalog(&SyncFs, tmp.path())
+        .expect("catalog reads")
+        .expect("catalog exists");
+    assert!(
+        r.replayed >= 5,
+        "the fixture keeps its changes in the catalog log ({} replayed)",
+        r.replayed
+    );
+    let store =
+        Store::open(Arc::new(SyncFs), tmp.path(), Config::default()).expect("v2 store opens");
+    check_contents(&store, tmp.path());
+}
+
+fn check_contents(store: &Store, dir: &Path) {
     let base = store.open_export("base").expect("base");
     let snap = store.open_export("base@v1").expect("snapshot");
     let clone = store.open_export("c1").expect("clone");
@@ -75,14 +110,14 @@ fn format_v1_store_opens_with_its_contents() {
     assert_eq!(read(&clone, 0, 4096), bytes(3, 4096));
     assert_eq!(read(&clone, 4096, 4096), bytes(1, 8192)[4096..].to_vec());
     assert_eq!(read(&clone, 100_000, 3), vec![0u8; 3]);
-    let report = blockd::store::verify::check(&SyncFs, tmp.path());
+    let report = blockd::store::verify::check(&SyncFs, dir);
     assert_eq!(report.errors(), 0, "{:?}", report.findings);
 }
 
 #[test]
 #[ignore = "writes the fixture; run only when adding a new format version's fixture"]
-fn generate_v1() {
-    let dir = fixture_dir();
+fn generate_v2() {
+    let dir = fixture_dir(2);
     assert!(
         !dir.exists(),
         "{} exists: fixtures are never regenerated",

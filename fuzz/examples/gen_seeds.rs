@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use blockd::names::Name;
 use blockd::store::ZeroMode;
-use blockd::store::catalog::{Catalog, Config, catalog_path};
+use blockd::store::catalog::{Catalog, Config, log_path, read_catalog};
 use blockd::store::engine::Store;
 use blockd::store::format::{self, ENTRY_BYTES, decode_catalog, encode_catalog, payload_crc};
 use blockd::store::io::Fs;
@@ -153,9 +153,11 @@ struct StoreFiles {
 
 /// The files of a store directory on `fs`, with creation times normalised.
 fn store_files(fs: &MemFs, dir: &Path) -> StoreFiles {
-    let raw = fs.read(&catalog_path(dir)).expect("catalog");
-    let (generation, body) = decode_catalog(&raw).expect("valid catalog");
-    let mut cat: Catalog = serde_json::from_slice(body).expect("catalog JSON");
+    // The catalog with its log replayed, as one catalog file (what `store_open` takes).
+    let recovered = read_catalog(fs, dir)
+        .expect("valid catalog")
+        .expect("a catalog");
+    let (generation, mut cat) = (recovered.generation, recovered.cat);
     for v in &mut cat.volumes {
         v.created_unix = CREATED_UNIX;
     }
@@ -340,4 +342,41 @@ fn main() {
     input.extend_from_slice(&(empty.len() as u16).to_le_bytes());
     input.extend_from_slice(empty);
     save("store_open", "empty_catalog", &input);
+
+    // catalog_log: the log of a store after a few changes, raw (control byte 1, base byte
+    // unused) and cut after its records; and the same changes as structured records.
+    let (log, bodies) = catalog_log_of_changes();
+    let mut raw = vec![1u8, 0];
+    raw.extend_from_slice(&log);
+    save("catalog_log", "store_raw", &raw);
+    let mut structured = vec![0u8, 0];
+    for b in &bodies {
+        structured.extend_from_slice(&u16::try_from(b.len()).expect("small").to_le_bytes());
+        structured.extend_from_slice(b);
+    }
+    save("catalog_log", "store_records", &structured);
+}
+
+/// The catalog log of a fresh store after creating, writing, snapshotting, cloning and
+/// deleting (cut one sector after its records), and the JSON bodies of its records.
+fn catalog_log_of_changes() -> (Vec<u8>, Vec<Vec<u8>>) {
+    let fs = MemFs::new();
+    let dir = Path::new("/data");
+    let store = Store::open(Arc::new(fs.clone()), dir, Config::default()).expect("new store");
+    store.create_volume(&name("vol"), 1 << 20).expect("create");
+    let vol = store.open_export("vol").expect("open");
+    vol.write(0, &bytes(1, 4096)).expect("write");
+    vol.flush().expect("flush");
+    store
+        .create_snapshot(&name("vol"), &name("s1"))
+        .expect("snapshot");
+    store.clone_volume("vol@s1", &name("c1")).expect("clone");
+    store.delete_volume("c1").expect("delete");
+    drop(vol);
+    let log = fs.read(&log_path(dir)).expect("catalog log");
+    let scan = format::scan_log(&log).expect("valid log");
+    let bodies = scan.records.iter().map(|(_, b)| b.to_vec()).collect();
+    let end = scan.end as usize + format::LOG_SECTOR_BYTES;
+    drop(store);
+    (log[..end].to_vec(), bodies)
 }

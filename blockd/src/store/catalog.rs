@@ -165,18 +165,24 @@ impl Catalog {
 pub struct Config {
     /// A segment is sealed and a new one started once its payloads reach this size.
     pub segment_bytes: u64,
+    /// Size of the preallocated catalog log; when a change no longer fits, the catalog is
+    /// rewritten in full and the log started again.
+    pub catalog_log_bytes: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             segment_bytes: 256 << 20,
+            catalog_log_bytes: 1 << 20,
         }
     }
 }
 
 /// The smallest segment that always has room for a maximal record after its header.
 pub const MIN_SEGMENT_BYTES: u64 = 2 * super::format::MAX_RECORD_BYTES as u64;
+/// The smallest catalog log: its header and one sector of records.
+pub const MIN_CATALOG_LOG_BYTES: u64 = 2 * format::LOG_SECTOR_BYTES as u64;
 
 impl Config {
     pub fn validate(&self) -> Result<()> {
@@ -186,13 +192,204 @@ impl Config {
                 self.segment_bytes
             )));
         }
+        if self.catalog_log_bytes < MIN_CATALOG_LOG_BYTES
+            || !self
+                .catalog_log_bytes
+                .is_multiple_of(format::LOG_SECTOR_BYTES as u64)
+        {
+            return Err(StoreError::invalid(format!(
+                "catalog log size {} must be a multiple of {} bytes and at least \
+                 {MIN_CATALOG_LOG_BYTES}",
+                self.catalog_log_bytes,
+                format::LOG_SECTOR_BYTES
+            )));
+        }
         Ok(())
     }
+}
+
+/// One catalog change as a log record stores it: the objects added or changed (whole),
+/// the ids removed, and the id counters after the change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    pub next_segment_id: u64,
+    pub next_object_id: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeRec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotRec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_volumes: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_snapshots: Vec<u64>,
+}
+
+impl Change {
+    /// The change that turns `old` into `new` (see [`Change::apply`]).
+    pub fn between(old: &Catalog, new: &Catalog) -> Change {
+        Change {
+            next_segment_id: new.next_segment_id,
+            next_object_id: new.next_object_id,
+            volumes: new
+                .volumes
+                .iter()
+                .filter(|v| !old.volumes.contains(v))
+                .cloned()
+                .collect(),
+            snapshots: new
+                .snapshots
+                .iter()
+                .filter(|s| !old.snapshots.contains(s))
+                .cloned()
+                .collect(),
+            removed_volumes: old
+                .volumes
+                .iter()
+                .filter(|o| !new.volumes.iter().any(|v| v.id == o.id))
+                .map(|o| o.id)
+                .collect(),
+            removed_snapshots: old
+                .snapshots
+                .iter()
+                .filter(|o| !new.snapshots.iter().any(|s| s.id == o.id))
+                .map(|o| o.id)
+                .collect(),
+        }
+    }
+
+    /// Removes, then replaces in place (same id) or appends every object listed.
+    pub fn apply(&self, cat: &mut Catalog) {
+        cat.next_segment_id = self.next_segment_id;
+        cat.next_object_id = self.next_object_id;
+        cat.volumes
+            .retain(|v| !self.removed_volumes.contains(&v.id));
+        cat.snapshots
+            .retain(|s| !self.removed_snapshots.contains(&s.id));
+        for v in &self.volumes {
+            match cat.volumes.iter_mut().find(|o| o.id == v.id) {
+                Some(o) => *o = v.clone(),
+                None => cat.volumes.push(v.clone()),
+            }
+        }
+        for s in &self.snapshots {
+            match cat.snapshots.iter_mut().find(|o| o.id == s.id) {
+                Some(o) => *o = s.clone(),
+                None => cat.snapshots.push(s.clone()),
+            }
+        }
+    }
+}
+
+pub fn catalog_path(dir: &Path) -> PathBuf {
+    dir.join("catalog")
+}
+
+pub fn log_path(dir: &Path) -> PathBuf {
+    dir.join("catalog.log")
+}
+
+/// The catalog as recovered from disk: the catalog file with its log replayed.
+#[derive(Debug)]
+pub struct Recovered {
+    pub cat: Catalog,
+    pub generation: u64,
+    /// Log records replayed onto the catalog file.
+    pub replayed: usize,
+    /// Format version of the catalog file.
+    pub version: u16,
+    /// What recovery noticed that loses nothing acknowledged (a torn last record).
+    pub notes: Vec<String>,
+}
+
+/// Reads `<dir>/catalog` and replays `<dir>/catalog.log` onto it. `Ok(None)`: no catalog
+/// (an empty store). Damage that could hide an acknowledged change is an error.
+pub fn read_catalog(fs: &dyn Fs, dir: &Path) -> Result<Option<Recovered>> {
+    let path = catalog_path(dir);
+    let lpath = log_path(dir);
+    let corrupt = |p: &Path, detail: String| StoreError::Corrupt {
+        what: p.display().to_string(),
+        detail: format!(
+            "{detail}; run `blockd verify`, and restore the data directory from a backup \
+             if it cannot be repaired"
+        ),
+    };
+    let bytes = match fs.read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return match fs.read(&lpath) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                _ => Err(corrupt(
+                    &path,
+                    format!("missing, although {} exists", lpath.display()),
+                )),
+            };
+        }
+        Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
+    };
+    let (mut generation, body) =
+        format::decode_catalog(&bytes).map_err(|e| corrupt(&path, e.to_string()))?;
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    let mut cat: Catalog =
+        serde_json::from_slice(body).map_err(|e| corrupt(&path, e.to_string()))?;
+    let mut notes = Vec::new();
+    let mut replayed = 0;
+    match fs.read(&lpath) {
+        Ok(log) => {
+            let scan = format::scan_log(&log).map_err(|e| corrupt(&lpath, e.to_string()))?;
+            if scan.base_generation > generation {
+                return Err(corrupt(
+                    &lpath,
+                    format!(
+                        "the log continues generation {} but the catalog is at {generation}",
+                        scan.base_generation
+                    ),
+                ));
+            }
+            for (g, body) in scan.records {
+                if g <= generation {
+                    continue; // already in the catalog file (rewritten before the log)
+                }
+                let change: Change = serde_json::from_slice(body)
+                    .map_err(|e| corrupt(&lpath, format!("record {g}: {e}")))?;
+                change.apply(&mut cat);
+                generation = g;
+                replayed += 1;
+            }
+            if let Some(at) = scan.torn_at {
+                notes.push(format!(
+                    "{}: torn last record at offset {at} dropped (its change was never \
+                     acknowledged)",
+                    lpath.display()
+                ));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StoreError::io(format!("reading {}", lpath.display()), e)),
+    }
+    cat.validate().map_err(|e| corrupt(&path, e))?;
+    Ok(Some(Recovered {
+        cat,
+        generation,
+        replayed,
+        version,
+        notes,
+    }))
+}
+
+/// The open catalog log: where the next record goes.
+struct Log {
+    file: Arc<dyn super::io::FileIo>,
+    end: u64,
 }
 
 struct CatalogState {
     cat: Catalog,
     generation: u64,
+    log: Option<Log>,
+    /// Set when a write of the catalog or its log failed: what reached the disk is unknown
+    /// until the store is reopened, so no further change is accepted.
+    failed: bool,
 }
 
 /// What every part of the store shares: the I/O engine, directories, configuration, and the
@@ -204,53 +401,53 @@ pub struct Ctx {
     pub config: Config,
     catalog: Mutex<CatalogState>,
     next_segment: AtomicU64,
+    /// Notes from reading the catalog (a torn log record dropped).
+    pub recovery_notes: Vec<String>,
     /// Counters of store events (flushes, compaction, GC), registered by the daemon.
     pub metrics: crate::metrics::StoreMetrics,
 }
 
-pub fn catalog_path(dir: &Path) -> PathBuf {
-    dir.join("catalog")
-}
-
 impl Ctx {
-    /// Reads the catalog of `dir`, or starts an empty one if there is none.
+    /// Reads the catalog of `dir` (or starts an empty one), then writes it back in full
+    /// with an empty log: torn log records are gone, and a version 1 catalog becomes
+    /// version 2 (which older blockd refuses, as it would ignore the log).
     pub fn open(fs: Arc<dyn Fs>, dir: &Path, config: Config) -> Result<Ctx> {
         let seg_dir = dir.join("segments");
         fs.create_dir_all(&seg_dir)
             .map_err(|e| StoreError::io(format!("creating {}", seg_dir.display()), e))?;
-        let path = catalog_path(dir);
-        let (cat, generation) = match fs.read(&path) {
-            Ok(bytes) => {
-                let corrupt = |detail: String| StoreError::Corrupt {
-                    what: path.display().to_string(),
-                    detail,
-                };
-                let (generation, body) =
-                    format::decode_catalog(&bytes).map_err(|e| corrupt(e.to_string()))?;
-                let cat: Catalog =
-                    serde_json::from_slice(body).map_err(|e| corrupt(e.to_string()))?;
-                cat.validate().map_err(corrupt)?;
-                (cat, generation)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+        let (cat, generation, recovery_notes) = match read_catalog(&*fs, dir)? {
+            Some(r) => (r.cat, r.generation, r.notes),
+            None => (
                 Catalog {
                     next_segment_id: 1,
                     ..Catalog::default()
                 },
                 0,
+                Vec::new(),
             ),
-            Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
         };
         let next_segment = AtomicU64::new(cat.next_segment_id);
-        Ok(Ctx {
+        let ctx = Ctx {
             fs,
             dir: dir.to_owned(),
             seg_dir,
             config,
-            catalog: Mutex::new(CatalogState { cat, generation }),
+            catalog: Mutex::new(CatalogState {
+                cat,
+                generation,
+                log: None,
+                failed: false,
+            }),
             next_segment,
+            recovery_notes,
             metrics: crate::metrics::StoreMetrics::new(),
-        })
+        };
+        {
+            let mut st = ctx.catalog.lock();
+            let (cat, generation) = (st.cat.clone(), st.generation);
+            st.log = Some(ctx.rewrite(&cat, generation)?);
+        }
+        Ok(ctx)
     }
 
     pub fn alloc_segment_id(&self) -> SegmentId {
@@ -262,10 +459,43 @@ impl Ctx {
         self.catalog.lock().cat.clone()
     }
 
+    /// Writes the whole catalog at `generation`, then a new empty log following it. A
+    /// crash in between leaves the new catalog with the old log, whose records it already
+    /// holds (replay skips them).
+    fn rewrite(&self, cat: &Catalog, generation: u64) -> Result<Log> {
+        let body = serde_json::to_vec(cat)
+            .map_err(|e| StoreError::invalid(format!("encoding catalog: {e}")))?;
+        let path = catalog_path(&self.dir);
+        self.fs
+            .write_atomic(&path, &format::encode_catalog(generation, &body))
+            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
+        let lpath = log_path(&self.dir);
+        let mut log = format::encode_log_header(generation);
+        log.resize(self.config.catalog_log_bytes as usize, 0);
+        let io_err = |e| StoreError::io(format!("writing {}", lpath.display()), e);
+        self.fs.write_atomic(&lpath, &log).map_err(io_err)?;
+        let file = self.fs.open(&lpath).map_err(io_err)?;
+        Ok(Log {
+            file,
+            end: format::LOG_SECTOR_BYTES as u64,
+        })
+    }
+
     /// Applies `f` to a copy of the catalog and makes the result durable; the in-memory
-    /// catalog changes only if that succeeds.
+    /// catalog changes only if that succeeds. The change is one record appended to the
+    /// preallocated log and one fdatasync; when the log is full, the catalog is rewritten.
     pub fn persist<R>(&self, f: impl FnOnce(&mut Catalog) -> Result<R>) -> Result<R> {
         let mut st = self.catalog.lock();
+        if st.failed {
+            return Err(StoreError::io(
+                "changing the catalog",
+                std::io::Error::other(
+                    "an earlier write of the catalog failed, so what reached the disk is \
+                     unknown; no change is accepted until blockd is restarted (it then \
+                     reads the catalog back from disk)",
+                ),
+            ));
+        }
         let mut next = st.cat.clone();
         let r = f(&mut next)?;
         next.next_segment_id = next
@@ -273,15 +503,42 @@ impl Ctx {
             .max(self.next_segment.load(Ordering::Relaxed));
         next.validate()
             .map_err(|e| StoreError::invalid(format!("internal: catalog change rejected: {e}")))?;
-        let body = serde_json::to_vec(&next)
-            .map_err(|e| StoreError::invalid(format!("encoding catalog: {e}")))?;
-        let bytes = format::encode_catalog(st.generation + 1, &body);
-        let path = catalog_path(&self.dir);
-        self.fs
-            .write_atomic(&path, &bytes)
-            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
+        let generation = st.generation + 1;
+        let change = Change::between(&st.cat, &next);
+        let mut replayed = st.cat.clone();
+        change.apply(&mut replayed);
+        // A change that replay would not reproduce exactly (objects reordered) is written
+        // as a whole catalog instead.
+        let record = (replayed == next)
+            .then(|| serde_json::to_vec(&change))
+            .transpose()
+            .map_err(|e| StoreError::invalid(format!("encoding catalog change: {e}")))?
+            .map(|body| format::encode_log_record(generation, &body));
+        let capacity = self.config.catalog_log_bytes;
+        let written = match (record, st.log.as_mut()) {
+            (Some(rec), Some(log)) if log.end + rec.len() as u64 <= capacity => {
+                let lpath = log_path(&self.dir);
+                let at = log.end;
+                log.end += rec.len() as u64;
+                log.file
+                    .write_all_at(&rec, at)
+                    .and_then(|()| log.file.sync_data())
+                    .map_err(|e| StoreError::io(format!("appending to {}", lpath.display()), e))
+            }
+            _ => match self.rewrite(&next, generation) {
+                Ok(log) => {
+                    st.log = Some(log);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = written {
+            st.failed = true;
+            return Err(e);
+        }
         st.cat = next;
-        st.generation += 1;
+        st.generation = generation;
         Ok(r)
     }
 }

@@ -131,7 +131,7 @@ impl Store {
         config.validate()?;
         let ctx = Arc::new(Ctx::open(fs, dir, config)?);
         let cat = ctx.catalog();
-        let mut notes = Vec::new();
+        let mut notes = ctx.recovery_notes.clone();
         remove_orphans(&ctx, &cat, &mut notes)?;
 
         // Load every segment; seal the ones a crash left open.

@@ -9,7 +9,7 @@ use std::fmt;
 
 /// Version of every on-disk structure written by this build. Bump on any change and keep
 /// older versions readable (docs/FORMAT.md lists them).
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 
 /// Size of the header block at the start of every `.dat` file; payloads follow it.
 pub const DAT_HEADER_BYTES: u64 = 4096;
@@ -29,6 +29,8 @@ pub const MAX_CATALOG_BYTES: u64 = 256 << 20;
 pub const DAT_MAGIC: [u8; 8] = *b"BLKDDAT\0";
 pub const IDX_MAGIC: [u8; 8] = *b"BLKDIDX\0";
 pub const CATALOG_MAGIC: [u8; 8] = *b"BLKDCAT\0";
+pub const LOG_MAGIC: [u8; 8] = *b"BLKDCLG\0";
+pub const LOG_RECORD_MAGIC: [u8; 8] = *b"BLKDCLR\0";
 /// First four bytes of every index entry ("BLKE").
 pub const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"BLKE");
 
@@ -40,6 +42,9 @@ const SALT_PAYLOAD: u32 = 0x7061_7931;
 const SALT_BATCH: u32 = 0x6261_7431;
 const SALT_CATALOG_HEADER: u32 = 0x6361_7431;
 const SALT_CATALOG_BODY: u32 = 0x6362_6431;
+const SALT_LOG_HEADER: u32 = 0x636c_6731;
+const SALT_LOG_RECORD_HEADER: u32 = 0x636c_7231;
+const SALT_LOG_RECORD_BODY: u32 = 0x636c_6231;
 
 const KIND_WRITE: u8 = 1;
 const KIND_ZERO: u8 = 2;
@@ -509,18 +514,30 @@ pub struct CatalogHeader {
 
 pub const CATALOG_HEADER_BYTES: usize = 64;
 
-/// Encodes the catalog file: header then body.
-pub fn encode_catalog(generation: u64, body: &[u8]) -> Vec<u8> {
+/// A 64-byte header (magic, version, generation, body length, body checksum, header
+/// checksum) followed by the body: the catalog file and each catalog log record.
+fn encode_envelope(magic: [u8; 8], salts: (u32, u32), generation: u64, body: &[u8]) -> Vec<u8> {
+    let (salt_header, salt_body) = salts;
     let mut out = vec![0u8; CATALOG_HEADER_BYTES];
-    out[0..8].copy_from_slice(&CATALOG_MAGIC);
+    out[0..8].copy_from_slice(&magic);
     put_u16(&mut out, 8, FORMAT_VERSION);
     put_u64(&mut out, 16, generation);
     put_u64(&mut out, 24, body.len() as u64);
-    put_u32(&mut out, 32, crc(SALT_CATALOG_BODY, body));
-    let c = crc(SALT_CATALOG_HEADER, &out[..60]);
+    put_u32(&mut out, 32, crc(salt_body, body));
+    let c = crc(salt_header, &out[..60]);
     put_u32(&mut out, 60, c);
     out.extend_from_slice(body);
     out
+}
+
+/// Encodes the catalog file: header then body.
+pub fn encode_catalog(generation: u64, body: &[u8]) -> Vec<u8> {
+    encode_envelope(
+        CATALOG_MAGIC,
+        (SALT_CATALOG_HEADER, SALT_CATALOG_BODY),
+        generation,
+        body,
+    )
 }
 
 /// Decodes and verifies the catalog file; returns the generation and the body.
@@ -547,6 +564,180 @@ pub fn decode_catalog(bytes: &[u8]) -> Result<(u64, &[u8]), FormatError> {
         return Err(FormatError::BadChecksum);
     }
     Ok((generation, body))
+}
+
+// ---------------------------------------------------------------- catalog log
+
+/// The catalog log (`catalog.log`, format version 2) is written in units of this size: its
+/// header fills the first one and every record starts at a multiple of it. A disk writes a
+/// sector whole or not at all, which is what tells a torn record from a damaged one.
+pub const LOG_SECTOR_BYTES: usize = 512;
+const LOG_RECORD_HEADER_BYTES: usize = 64;
+
+/// The log's first sector: the catalog generation its first record follows.
+pub fn encode_log_header(base_generation: u64) -> Vec<u8> {
+    let mut out = vec![0u8; LOG_SECTOR_BYTES];
+    out[..ENTRY_BYTES].copy_from_slice(&encode_file_header(
+        LOG_MAGIC,
+        SALT_LOG_HEADER,
+        base_generation,
+        0,
+    ));
+    out
+}
+
+/// One record: a 64-byte header, the JSON body, and spaces up to the next sector boundary
+/// (so that no sector of a record is all zeroes, as a sector that never reached the disk
+/// is).
+pub fn encode_log_record(generation: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = encode_envelope(
+        LOG_RECORD_MAGIC,
+        (SALT_LOG_RECORD_HEADER, SALT_LOG_RECORD_BODY),
+        generation,
+        body,
+    );
+    let end = out.len().next_multiple_of(LOG_SECTOR_BYTES);
+    out.resize(end, b' ');
+    out
+}
+
+/// A record header that checks out: (generation, body length).
+fn decode_log_record_header(h: &[u8]) -> Result<(u64, u64), FormatError> {
+    if h[0..8] != LOG_RECORD_MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    if crc(SALT_LOG_RECORD_HEADER, &h[..60]) != get_u32(h, 60) {
+        return Err(FormatError::BadChecksum);
+    }
+    check_version(get_u16(h, 8))?;
+    check_reserved(h, 10, 16)?;
+    check_reserved(h, 36, 60)?;
+    let len = get_u64(h, 24);
+    if len > MAX_CATALOG_BYTES {
+        return Err(FormatError::Invalid("catalog log record length"));
+    }
+    Ok((get_u64(h, 16), len))
+}
+
+/// What a scan of the catalog log found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogScan<'a> {
+    pub base_generation: u64,
+    /// (generation, JSON body) of every intact record, in order; generations are
+    /// consecutive from `base_generation + 1`.
+    pub records: Vec<(u64, &'a [u8])>,
+    /// Offset just past the last intact record: where the next record goes.
+    pub end: u64,
+    /// Offset of a torn record cut from the end (written, never completed by its sync).
+    pub torn_at: Option<u64>,
+}
+
+/// Where the log is damaged and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogDamage {
+    pub offset: u64,
+    pub error: FormatError,
+}
+
+impl fmt::Display for LogDamage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "at offset {}: {}", self.offset, self.error)
+    }
+}
+
+fn zero_sector(bytes: &[u8], at: usize) -> bool {
+    bytes[at..(at + LOG_SECTOR_BYTES).min(bytes.len())]
+        .iter()
+        .all(|&b| b == 0)
+}
+
+/// Reads the catalog log. Records are read while they are intact; the log ends at the
+/// first all-zero sector (the rest of the preallocated file). A record with a valid header
+/// whose body or padding fails and one of whose sectors is all zeroes was torn by a crash
+/// before its sync completed (its change was never acknowledged): the log ends there.
+/// Anything else that fails is damage, as is an intact record header anywhere after the
+/// end: the caller must refuse the log rather than lose a change it acknowledged.
+pub fn scan_log(bytes: &[u8]) -> Result<LogScan<'_>, LogDamage> {
+    let damage = |offset: usize, error| LogDamage {
+        offset: offset as u64,
+        error,
+    };
+    let head = bytes
+        .get(..LOG_SECTOR_BYTES)
+        .ok_or(damage(0, FormatError::Truncated))?;
+    let (base_generation, zero) =
+        decode_file_header(head, LOG_MAGIC, SALT_LOG_HEADER).map_err(|e| damage(0, e))?;
+    if zero != 0 || !head[ENTRY_BYTES..].iter().all(|&b| b == 0) {
+        return Err(damage(
+            0,
+            FormatError::Invalid("reserved bytes are not zero"),
+        ));
+    }
+    let mut scan = LogScan {
+        base_generation,
+        records: Vec::new(),
+        end: LOG_SECTOR_BYTES as u64,
+        torn_at: None,
+    };
+    let mut p = LOG_SECTOR_BYTES;
+    let mut next_gen = base_generation.wrapping_add(1);
+    let mut rest_from = bytes.len();
+    while p < bytes.len() {
+        if zero_sector(bytes, p) {
+            rest_from = p + LOG_SECTOR_BYTES;
+            break;
+        }
+        let h = bytes
+            .get(p..p + LOG_RECORD_HEADER_BYTES)
+            .ok_or(damage(p, FormatError::Truncated))?;
+        // A header sector is written whole or not at all: a bad one is damage.
+        let (generation, len) = decode_log_record_header(h).map_err(|e| damage(p, e))?;
+        if generation != next_gen {
+            return Err(damage(
+                p,
+                FormatError::Invalid("catalog log generations are not consecutive"),
+            ));
+        }
+        let body_at = p + LOG_RECORD_HEADER_BYTES;
+        let span = (LOG_RECORD_HEADER_BYTES + len as usize).next_multiple_of(LOG_SECTOR_BYTES);
+        let intact = bytes.get(body_at..p + span).and_then(|b| {
+            let (body, pad) = b.split_at(len as usize);
+            (crc(SALT_LOG_RECORD_BODY, body) == get_u32(h, 32) && pad.iter().all(|&c| c == b' '))
+                .then_some(body)
+        });
+        match intact {
+            Some(body) => {
+                scan.records.push((generation, body));
+                p += span;
+                scan.end = p as u64;
+                next_gen = next_gen.wrapping_add(1);
+            }
+            None => {
+                let torn = p + span > bytes.len()
+                    || (p..p + span)
+                        .step_by(LOG_SECTOR_BYTES)
+                        .any(|s| zero_sector(bytes, s));
+                if !torn {
+                    return Err(damage(p, FormatError::BadChecksum));
+                }
+                scan.torn_at = Some(p as u64);
+                rest_from = p + LOG_SECTOR_BYTES;
+                break;
+            }
+        }
+    }
+    // Past the end only zeroes and sectors of the torn record may follow, never a record.
+    let mut q = rest_from.next_multiple_of(LOG_SECTOR_BYTES);
+    while q + LOG_RECORD_HEADER_BYTES <= bytes.len() {
+        if decode_log_record_header(&bytes[q..q + LOG_RECORD_HEADER_BYTES]).is_ok() {
+            return Err(damage(
+                q,
+                FormatError::Invalid("a record follows the end of the catalog log"),
+            ));
+        }
+        q += LOG_SECTOR_BYTES;
+    }
+    Ok(scan)
 }
 
 #[cfg(test)]
@@ -704,6 +895,60 @@ mod tests {
         bad[last] ^= 1;
         assert_eq!(decode_catalog(&bad), Err(FormatError::BadChecksum));
         assert_eq!(decode_catalog(&file[..70]), Err(FormatError::Truncated));
+    }
+
+    fn log_of(records: &[(u64, Vec<u8>)], base: u64, capacity: usize) -> Vec<u8> {
+        let mut log = encode_log_header(base);
+        for (g, body) in records {
+            log.extend_from_slice(&encode_log_record(*g, body));
+        }
+        log.resize(capacity, 0);
+        log
+    }
+
+    #[test]
+    fn catalog_log_round_trips_and_ends_at_zeroes() {
+        let long = vec![b'x'; 1500];
+        let log = log_of(&[(8, b"{}".to_vec()), (9, long.clone())], 7, 8192);
+        let scan = scan_log(&log).expect("valid log");
+        assert_eq!(scan.base_generation, 7);
+        assert_eq!(scan.records, vec![(8, &b"{}"[..]), (9, &long[..])]);
+        assert_eq!(scan.end, 512 + 512 + 2048);
+        assert_eq!(scan.torn_at, None);
+        let empty = log_of(&[], 3, 4096);
+        assert_eq!(scan_log(&empty).expect("empty log").records, vec![]);
+    }
+
+    #[test]
+    fn catalog_log_tells_a_torn_record_from_a_damaged_one() {
+        let long = vec![b'x'; 1500];
+        let log = log_of(&[(8, b"{}".to_vec()), (9, long)], 7, 8192);
+        // Torn: the last record's third sector never reached the disk.
+        let mut torn = log.clone();
+        torn[2048..2560].fill(0);
+        let scan = scan_log(&torn).expect("a torn tail is not damage");
+        assert_eq!(scan.records.len(), 1);
+        assert_eq!((scan.end, scan.torn_at), (1024, Some(1024)));
+        // Torn the other way: its first sector is missing, later ones arrived.
+        let mut torn = log.clone();
+        torn[1024..1536].fill(0);
+        assert_eq!(scan_log(&torn).expect("torn").records.len(), 1);
+        // A flipped bit in a body whose sectors all arrived: damage, at that record.
+        let mut bad = log.clone();
+        bad[1700] ^= 1;
+        assert_eq!(scan_log(&bad).map(|_| ()).expect_err("damage").offset, 1024);
+        // A flipped bit in a header: damage.
+        let mut bad = log.clone();
+        bad[512 + 20] ^= 1;
+        assert_eq!(scan_log(&bad).map(|_| ()).expect_err("damage").offset, 512);
+        // The first record lost its header sector but the second is intact: damage.
+        let mut bad = log.clone();
+        bad[512..1024].fill(0);
+        assert_eq!(scan_log(&bad).map(|_| ()).expect_err("damage").offset, 1024);
+        // Generations must follow the base.
+        let gap = log_of(&[(8, b"{}".to_vec()), (10, b"{}".to_vec())], 7, 4096);
+        assert!(scan_log(&gap).is_err());
+        assert!(scan_log(&log[..100]).is_err());
     }
 
     #[test]

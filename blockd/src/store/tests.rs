@@ -19,6 +19,7 @@ fn open(fs: &MemFs) -> Store {
         Path::new("/data"),
         Config {
             segment_bytes: 1 << 20,
+            ..Config::default()
         },
     )
     .expect("open store")

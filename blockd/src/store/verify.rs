@@ -14,7 +14,6 @@ use serde::Serialize;
 
 use super::catalog::{self, Catalog};
 use super::engine::build_maps;
-use super::format;
 use super::io::Fs;
 use super::io::sync::SyncFs;
 use super::map::Target;
@@ -61,25 +60,14 @@ impl VerifyReport {
 pub fn check(fs: &dyn Fs, dir: &Path) -> VerifyReport {
     let mut rep = VerifyReport::default();
     let path = catalog::catalog_path(dir);
-    let cat: Catalog = match fs.read(&path) {
-        Ok(bytes) => match format::decode_catalog(&bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|(_, body)| {
-                serde_json::from_slice::<Catalog>(body).map_err(|e| e.to_string())
-            })
-            .and_then(|c| c.validate().map(|()| c))
-        {
-            Ok(c) => c,
-            Err(e) => {
-                rep.push(
-                    "error",
-                    path.display().to_string(),
-                    format!("catalog is unreadable: {e}"),
-                );
-                return rep;
+    let cat: Catalog = match catalog::read_catalog(fs, dir) {
+        Ok(Some(r)) => {
+            for n in r.notes {
+                rep.push("warning", catalog::log_path(dir).display().to_string(), n);
             }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            r.cat
+        }
+        Ok(None) => {
             rep.push(
                 "warning",
                 path.display().to_string(),
@@ -91,7 +79,7 @@ pub fn check(fs: &dyn Fs, dir: &Path) -> VerifyReport {
             rep.push(
                 "error",
                 path.display().to_string(),
-                format!("cannot read the catalog: {e}"),
+                format!("catalog is unreadable: {e}"),
             );
             return rep;
         }

@@ -417,14 +417,13 @@ impl VolumeCore {
             .sync_dir(&self.ctx.seg_dir)
             .map_err(|e| StoreError::io("syncing the segment directory", e))?;
         let vid = self.id;
-        let persisted = self.ctx.persist(|c| {
+        // On failure the files stay: the catalog record may have reached the disk although
+        // its sync failed, and then the segment must exist at the next start; if it did
+        // not, they are orphans, removed at the next start.
+        self.ctx.persist(|c| {
             c.volume_mut(vid)?.segments.push(id);
             Ok(())
-        });
-        if let Err(e) = persisted {
-            let _ = super::segment::remove_files(&*self.ctx.fs, &self.ctx.seg_dir, id);
-            return Err(e);
-        }
+        })?;
         self.state.write().own_live.insert(id, 0);
         log.segments.push(active.seg.clone());
         log.active = Some(active);
