@@ -2534,11 +2534,13 @@ def render_clone_time(res, limit_ms=10.0):
       f"`qemu-img create -q -f qcow2 -b l<d>.qcow2 -F qcow2 OV` (timed). API times are the whole "
       f"urllib call (new TCP connection, request, server work, response) measured in Python.\n")
     w(f"Median [min–max] in ms over {meta['ops']} operations; ✓ = median under {limit_ms:.0f} ms "
-      f"(the target for blockd snapshot and clone creation). The fs probe (Python, no blockd) does "
-      f"what one catalog update does: write a file as big as the catalog under a temporary name, "
-      f"fsync, rename, fsync the directory; every blockd snapshot or clone makes one such update "
-      f"(a snapshot also seals the volume's active segment: fdatasync of .dat, write and fdatasync "
-      f"of .idx).\n")
+      f"(the target for blockd snapshot and clone creation). Every blockd snapshot or clone is one "
+      f"catalog change: since store format 2, one record written into the preallocated "
+      f"`catalog.log` and one fdatasync (a snapshot first seals the volume's active segment: "
+      f"fdatasync of .dat if it holds unflushed writes, write and fdatasync of .idx). The fs probe "
+      f"(Python, no blockd) does what a catalog change cost in format 1, for comparison on the same "
+      f"disk at the same moment: write a file as big as the catalog file under a temporary name, "
+      f"fsync, rename, fsync the directory.\n")
     probe = any(r["op"] == "atomic_replace" for r in rows)
     w("| case | blockd snapshot (REST) | blockd clone (REST) | blockd clone (CLI, incl. process start) "
       "| qemu-img create -b (qcow2 overlay) |" + (" fs probe: one catalog-sized atomic replace |" if probe else "")
@@ -2588,7 +2590,8 @@ def render_clone_time(res, limit_ms=10.0):
         w(f"Store at the end: {de.get('volumes')} volumes, {de.get('snapshots')} snapshots, "
           f"{de.get('segments')} segments, stored {_bytes(de.get('stored_bytes'))}, physical "
           f"{_bytes(de.get('physical_bytes'))}, data dir {_bytes(p.get('datadir_bytes_end'))}, catalog "
-          f"{_bytes(p.get('catalog_bytes_end'))} (rewritten in full by every snapshot/clone).\n")
+          f"{_bytes(p.get('catalog_bytes_end'))} (rewritten in full at start-up and when the 1 MiB "
+          f"catalog log is full; in between, each change is a log record).\n")
     return "\n".join(L)
 
 
