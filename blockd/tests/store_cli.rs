@@ -1072,8 +1072,10 @@ fn compaction_returns_the_space_of_overwritten_data() {
     assert!(out.starts_with("compaction:"), "{out}");
     let after = df(&d);
     let physical = u(&after, "physical_bytes");
+    // The active segment, flushed, also holds up to 1 MiB + 64 KiB of zeroes filled ahead
+    // of its tails (docs/FORMAT.md).
     assert!(
-        physical < 64 * MIB + MIB,
+        physical < 64 * MIB + 2 * MIB,
         "compaction should leave about the 64 MiB of live data: {before} -> {after} ({out})"
     );
     assert_eq!(u(&after, "stored_bytes"), 64 * MIB, "{after}");

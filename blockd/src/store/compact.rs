@@ -332,7 +332,11 @@ impl Store {
         for step in steps {
             let a = match out.as_mut() {
                 Some(a) => a,
-                None => out.insert(Active::create(&*ctx.fs, &ctx.seg_dir, new_id, 1)?),
+                None => {
+                    let mut a = Active::create(&*ctx.fs, &ctx.seg_dir, new_id, 1)?;
+                    a.set_fill_limit(0); // written in one go and sealed at once
+                    out.insert(a)
+                }
             };
             match step {
                 Step::Zero {

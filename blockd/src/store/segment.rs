@@ -209,10 +209,57 @@ pub struct Active {
     pub next_seq: u64,
     /// Payload bytes below this were handed to writeback already.
     writeback_from: u64,
+    /// Bytes of the `.dat` / `.idx` written so far, zeroes ahead of the tail included.
+    dat_filled: u64,
+    idx_filled: u64,
+    /// The `.dat` is never filled past this (the segment size; 0 for a segment written
+    /// once and sealed at once, such as a compaction output).
+    fill_limit: u64,
+    /// Set by the first commit batch: only segments that are flushed fill ahead (a writer
+    /// that never flushes would pay for the zeroes and gain nothing).
+    flushed: bool,
 }
 
 /// Writeback of an active segment's payloads is started every this many bytes.
 const WRITEBACK_CHUNK_BYTES: u64 = 8 << 20;
+
+/// Once an active segment has been flushed, its files are filled with zeroes this far
+/// ahead of their tails (in whole steps), so that appends overwrite blocks and pages that
+/// already exist: the fdatasync of the next flushes then writes data only, with no block
+/// allocation or size change for the file system to journal (about 40 % less per sync on
+/// ext4 here; see docs/BENCHMARKS.md). Sealing cuts the zeroes off again.
+const DAT_FILL_STEP_BYTES: u64 = 1 << 20;
+const IDX_FILL_STEP_BYTES: u64 = 64 << 10;
+static ZEROES: [u8; DAT_FILL_STEP_BYTES as usize] = [0; DAT_FILL_STEP_BYTES as usize];
+
+/// Writes zeroes over `[from, to)` of `file`.
+fn fill_zeroes(file: &dyn FileIo, from: u64, to: u64) -> std::io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROES.len() as u64);
+        file.write_all_at(&ZEROES[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// Makes sure `file` holds written bytes (data or zeroes) up to `end`, filling the next
+/// whole `step` with zeroes when it does not; returns the new filled length.
+fn fill_ahead(
+    file: &dyn FileIo,
+    filled: u64,
+    end: u64,
+    step: u64,
+    limit: u64,
+) -> std::io::Result<u64> {
+    if end <= filled {
+        return Ok(filled);
+    }
+    let to = end.next_multiple_of(step).min(limit).max(end);
+    // The caller writes [.., end) itself: only the part after it needs zeroes.
+    fill_zeroes(file, end.max(filled), to)?;
+    Ok(to)
+}
 
 impl Active {
     /// Creates the files of a new segment, headers synced. The caller syncs the directory
@@ -262,7 +309,34 @@ impl Active {
             committed: 0,
             next_seq: first_seq,
             writeback_from: DAT_HEADER_BYTES,
+            dat_filled: DAT_HEADER_BYTES,
+            idx_filled: ENTRY_BYTES as u64,
+            fill_limit: u64::MAX,
+            flushed: false,
         })
+    }
+
+    /// Fill the `.dat` with zeroes ahead of its tail only up to `bytes` (see
+    /// `DAT_FILL_STEP_BYTES`); 0 turns filling off (the `.idx` is filled either way).
+    pub fn set_fill_limit(&mut self, bytes: u64) {
+        self.fill_limit = bytes;
+    }
+
+    /// Fills the `.idx` with zeroes ahead of a write of `slots` slots at the tail.
+    fn fill_idx(&mut self, slots: u64) -> Result<()> {
+        if !self.flushed {
+            return Ok(());
+        }
+        let end = (self.idx_slots + slots) * ENTRY_BYTES as u64;
+        self.idx_filled = fill_ahead(
+            &*self.idx,
+            self.idx_filled,
+            end,
+            IDX_FILL_STEP_BYTES,
+            u64::MAX,
+        )
+        .map_err(|e| StoreError::io(self.what(), e))?;
+        Ok(())
     }
 
     /// Appends a write: payload first, then its provisional entry. On error nothing is
@@ -320,6 +394,17 @@ impl Active {
             records.push(record);
             off = data_off + len;
         }
+        if self.flushed {
+            self.dat_filled = fill_ahead(
+                &*self.seg.dat,
+                self.dat_filled.max(first_off),
+                off,
+                DAT_FILL_STEP_BYTES,
+                self.fill_limit,
+            )
+            .map_err(|e| StoreError::io(self.what(), e))?;
+        }
+        self.fill_idx(records.len() as u64)?;
         // Payloads, then entries: one submission on engines that can link the two writes.
         self.seg
             .dat
@@ -363,6 +448,7 @@ impl Active {
     }
 
     fn append_entry(&mut self, record: Record) -> Result<()> {
+        self.fill_idx(1)?;
         self.idx
             .write_all_at(
                 &format::encode_record(&record, false),
@@ -390,6 +476,9 @@ impl Active {
             return None;
         }
         let records = self.records[self.committed..].to_vec();
+        // Zeroes ahead of the batch: a failure here only means a larger sync later.
+        self.flushed = true;
+        let _ = self.fill_idx(records.len() as u64 + 2);
         let slot = self.idx_slots;
         self.idx_slots += records.len() as u64 + 2;
         Some(Pending {
@@ -411,6 +500,17 @@ impl Active {
             .seg
             .payloads
             .set(Payloads::new(payloads_of(&self.records), GOOD));
+        // The zeroes filled ahead are not needed any more. Best effort: a crash before the
+        // new sizes are durable only leaves the zeroes there, which readers ignore. Only
+        // when there are some: on ext4 a truncate, even to the same size, first writes out
+        // the file's dirty data.
+        if self.dat_filled > self.dat_tail {
+            let _ = self.seg.dat.set_len(self.dat_tail);
+        }
+        let idx_used = self.idx_slots * ENTRY_BYTES as u64;
+        if self.idx_filled > idx_used {
+            let _ = self.idx.set_len(idx_used);
+        }
     }
 
     /// A seal batch: every record of the segment. After it is written the segment never

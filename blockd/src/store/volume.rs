@@ -411,7 +411,8 @@ impl VolumeCore {
 
     fn start_segment(&self, log: &mut Log) -> Result<()> {
         let id = self.ctx.alloc_segment_id();
-        let active = Active::create(&*self.ctx.fs, &self.ctx.seg_dir, id, 1)?;
+        let mut active = Active::create(&*self.ctx.fs, &self.ctx.seg_dir, id, 1)?;
+        active.set_fill_limit(self.ctx.config.segment_bytes);
         self.ctx
             .fs
             .sync_dir(&self.ctx.seg_dir)

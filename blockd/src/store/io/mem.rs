@@ -272,8 +272,9 @@ impl MemFs {
             .files
             .iter()
             .filter(|(p, f)| {
+                let st = f.state.lock();
                 p.to_string_lossy().contains(filter)
-                    && f.state.lock().durable.len() as u64 > skip_bytes
+                    && st.durable.len().min(st.current.len()) as u64 > skip_bytes
             })
             .collect();
         let mut flips = Vec::new();
@@ -283,15 +284,15 @@ impl MemFs {
         for _ in 0..count {
             let (path, file) = candidates[rng.below(candidates.len() as u64) as usize];
             let mut st = file.state.lock();
-            let len = st.durable.len() as u64;
+            // Bytes both views hold: a file truncated since its last sync (zeroes cut off a
+            // sealed segment) no longer has the rest, whatever a crash would bring back.
+            let len = st.durable.len().min(st.current.len()) as u64;
             let off = skip_bytes + rng.below(len - skip_bytes);
             let bit = 1u8 << rng.below(8);
             st.durable[off as usize] ^= bit;
             // At rest means on disk: the current view of a file open after a crash equals
             // its durable view, so flip both where they agree.
-            if (off as usize) < st.current.len() {
-                st.current[off as usize] ^= bit;
-            }
+            st.current[off as usize] ^= bit;
             flips.push((path.clone(), off));
         }
         flips
