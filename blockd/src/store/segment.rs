@@ -502,8 +502,7 @@ impl Active {
             .set(Payloads::new(payloads_of(&self.records), GOOD));
         // The zeroes filled ahead are not needed any more. Best effort: a crash before the
         // new sizes are durable only leaves the zeroes there, which readers ignore. Only
-        // when there are some: on ext4 a truncate, even to the same size, first writes out
-        // the file's dirty data.
+        // when there are some (a segment that was never flushed has none).
         if self.dat_filled > self.dat_tail {
             let _ = self.seg.dat.set_len(self.dat_tail);
         }
