@@ -226,36 +226,19 @@ pub struct Change {
 }
 
 impl Change {
-    /// The change that turns `old` into `new` (see [`Change::apply`]).
-    pub fn between(old: &Catalog, new: &Catalog) -> Change {
-        Change {
+    /// The change that turns `old` into `new` when replayed by [`Change::apply`], or None
+    /// when replay cannot reproduce `new` exactly (objects reordered). O(objects).
+    pub fn between(old: &Catalog, new: &Catalog) -> Option<Change> {
+        let (volumes, removed_volumes) = diff_by_id(&old.volumes, &new.volumes, |v| v.id)?;
+        let (snapshots, removed_snapshots) = diff_by_id(&old.snapshots, &new.snapshots, |s| s.id)?;
+        Some(Change {
             next_segment_id: new.next_segment_id,
             next_object_id: new.next_object_id,
-            volumes: new
-                .volumes
-                .iter()
-                .filter(|v| !old.volumes.contains(v))
-                .cloned()
-                .collect(),
-            snapshots: new
-                .snapshots
-                .iter()
-                .filter(|s| !old.snapshots.contains(s))
-                .cloned()
-                .collect(),
-            removed_volumes: old
-                .volumes
-                .iter()
-                .filter(|o| !new.volumes.iter().any(|v| v.id == o.id))
-                .map(|o| o.id)
-                .collect(),
-            removed_snapshots: old
-                .snapshots
-                .iter()
-                .filter(|o| !new.snapshots.iter().any(|s| s.id == o.id))
-                .map(|o| o.id)
-                .collect(),
-        }
+            volumes,
+            snapshots,
+            removed_volumes,
+            removed_snapshots,
+        })
     }
 
     /// Removes, then replaces in place (same id) or appends every object listed.
@@ -279,6 +262,42 @@ impl Change {
             }
         }
     }
+}
+
+/// (objects of `new` that are added or changed, ids of `old` that are gone), provided that
+/// `new` is `old`'s survivors in their order followed by the added objects, which is what
+/// [`Change::apply`] produces; None otherwise. Ids are unique (the catalog validates).
+fn diff_by_id<T: Clone + PartialEq>(
+    old: &[T],
+    new: &[T],
+    id: impl Fn(&T) -> u64,
+) -> Option<(Vec<T>, Vec<u64>)> {
+    let old_by_id: std::collections::HashMap<u64, &T> = old.iter().map(|o| (id(o), o)).collect();
+    let new_ids: std::collections::HashSet<u64> = new.iter().map(&id).collect();
+    let survivors: Vec<u64> = old
+        .iter()
+        .map(&id)
+        .filter(|i| new_ids.contains(i))
+        .collect();
+    let removed = old
+        .iter()
+        .map(&id)
+        .filter(|i| !new_ids.contains(i))
+        .collect();
+    if !new
+        .iter()
+        .map(&id)
+        .take(survivors.len())
+        .eq(survivors.iter().copied())
+    {
+        return None;
+    }
+    let put = new
+        .iter()
+        .filter(|n| old_by_id.get(&id(n)).is_none_or(|o| *o != *n))
+        .cloned()
+        .collect();
+    Some((put, removed))
 }
 
 pub fn catalog_path(dir: &Path) -> PathBuf {
@@ -504,13 +523,10 @@ impl Ctx {
         next.validate()
             .map_err(|e| StoreError::invalid(format!("internal: catalog change rejected: {e}")))?;
         let generation = st.generation + 1;
-        let change = Change::between(&st.cat, &next);
-        let mut replayed = st.cat.clone();
-        change.apply(&mut replayed);
         // A change that replay would not reproduce exactly (objects reordered) is written
         // as a whole catalog instead.
-        let record = (replayed == next)
-            .then(|| serde_json::to_vec(&change))
+        let record = Change::between(&st.cat, &next)
+            .map(|change| serde_json::to_vec(&change))
             .transpose()
             .map_err(|e| StoreError::invalid(format!("encoding catalog change: {e}")))?
             .map(|body| format::encode_log_record(generation, &body));
@@ -540,5 +556,60 @@ impl Ctx {
         st.cat = next;
         st.generation = generation;
         Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(id: u64, name: &str, segments: Vec<SegmentId>) -> VolumeRec {
+        VolumeRec {
+            id,
+            name: name.into(),
+            size_bytes: 1 << 20,
+            origin: None,
+            clone_of: None,
+            segments,
+            created_unix: 0,
+        }
+    }
+
+    #[test]
+    fn a_change_replays_to_the_new_catalog_or_is_refused() {
+        let old = Catalog {
+            next_segment_id: 5,
+            next_object_id: 3,
+            volumes: vec![
+                vol(1, "a", vec![1]),
+                vol(2, "b", vec![2]),
+                vol(3, "c", vec![]),
+            ],
+            snapshots: Vec::new(),
+        };
+        // b removed, c changed, d added.
+        let mut new = old.clone();
+        new.volumes.remove(1);
+        new.volumes[1].segments.push(4);
+        new.volumes.push(vol(4, "d", vec![]));
+        new.next_object_id = 4;
+        let change = Change::between(&old, &new).expect("reproducible");
+        assert_eq!(change.removed_volumes, vec![2]);
+        assert_eq!(
+            change.volumes.iter().map(|v| v.id).collect::<Vec<_>>(),
+            vec![3, 4],
+            "only changed and added objects are logged"
+        );
+        let mut replayed = old.clone();
+        change.apply(&mut replayed);
+        assert_eq!(replayed, new);
+        // Reordered survivors cannot be replayed: the catalog is rewritten instead.
+        let mut reordered = old.clone();
+        reordered.volumes.swap(0, 1);
+        assert_eq!(Change::between(&old, &reordered), None);
+        // An added object before a survivor neither.
+        let mut inserted = old.clone();
+        inserted.volumes.insert(0, vol(9, "z", vec![]));
+        assert_eq!(Change::between(&old, &inserted), None);
     }
 }

@@ -397,7 +397,7 @@ impl Active {
         if self.flushed {
             self.dat_filled = fill_ahead(
                 &*self.seg.dat,
-                self.dat_filled.max(first_off),
+                self.dat_filled,
                 off,
                 DAT_FILL_STEP_BYTES,
                 self.fill_limit,
