@@ -42,6 +42,10 @@ BLOCKD_BIN = os.environ.get("BLOCKD_BIN", os.path.join(REPO, "target", "release"
 # A second blockd binary (e.g. a copy of the previous build) for same-run A/B comparisons:
 # target `blockd_clone_alt` serves with it.
 BLOCKD_BIN_ALT = os.environ.get("BLOCKD_BIN_ALT", "")
+# Extra `blockd serve` arguments for target `blockd_clone_alt` (split like a shell would),
+# e.g. BLOCKD_ALT_ARGS="--direct-writes-from off" with BLOCKD_BIN_ALT=$BLOCKD_BIN to A/B
+# one setting within one build.
+BLOCKD_ALT_ARGS = shlex.split(os.environ.get("BLOCKD_ALT_ARGS", ""))
 VOLUME = "bench"           # blockd volume name (= NBD export name)
 QEMU_EXPORT = "x"          # qemu-nbd export name (as in peers.sh)
 CHUNK = 4096               # every data-preparation write is 4 KiB (kernel 6.18 large-folio trap)
@@ -887,7 +891,7 @@ def nbd_sha256(uri):
     return h.hexdigest()
 
 
-def start_blockd(work, name, data_dir=None, engine=None, binary=None):
+def start_blockd(work, name, data_dir=None, engine=None, binary=None, extra_args=()):
     """Start `blockd serve` on the bench data dir (or `data_dir`); TCP port 0, Unix socket in
     the work dir; `--io-engine` = `engine`, or the run's `--blockd-engine`."""
     ready = os.path.join(work.root, "blockd-ready.json")
@@ -897,7 +901,7 @@ def start_blockd(work, name, data_dir=None, engine=None, binary=None):
             os.unlink(p)
     cmd = [binary or BLOCKD_BIN, "serve", "--data-dir", data_dir or work.blockd_dir, "--listen", "127.0.0.1:0",
            "--api", "127.0.0.1:0", "--socket", sockp, "--ready-file", ready,
-           "--shutdown-grace", "2s", "--io-engine", engine or work.blockd_engine]
+           "--shutdown-grace", "2s", "--io-engine", engine or work.blockd_engine, *extra_args]
     s = Server(work, name, cmd, os.path.join(work.log_dir, f"{name}.log"), uri=None)
     work.live.append(s)
     try:
@@ -1135,11 +1139,14 @@ class BlockdCloneTarget(Target):
             self.family = f"blockd {engine}"
         if binary:
             self.title += f", binary `{binary}` ($BLOCKD_BIN_ALT)"
+            if BLOCKD_ALT_ARGS:
+                self.title += f", `{' '.join(BLOCKD_ALT_ARGS)}` ($BLOCKD_ALT_ARGS)"
 
     def start(self, work):
         if self.binary == "":
             raise BenchError(f"{self.name} needs $BLOCKD_BIN_ALT (a second blockd binary)")
-        s = start_blockd(work, self.name, engine=self.engine, binary=self.binary)
+        s = start_blockd(work, self.name, engine=self.engine, binary=self.binary,
+                         extra_args=BLOCKD_ALT_ARGS if self.binary else ())
         try:
             api_delete_volume(s.api, FIO_CLONE)
             api_ok(s.api, "POST", "/v1/volumes", {"name": FIO_CLONE, "from": self.source})
