@@ -44,6 +44,8 @@ pub struct ServeConfig {
     pub expiry_interval: Duration,
     /// The store's I/O engine.
     pub io_engine: IoEngine,
+    /// See `Config::direct_write_min_bytes`.
+    pub direct_write_min_bytes: u64,
 }
 
 fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
@@ -73,7 +75,11 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         )
     })?;
     tracing::info!(engine = cfg.io_engine.name(), "I/O engine");
-    let store = Store::open(fs, &cfg.data_dir, Config::default())
+    let config = Config {
+        direct_write_min_bytes: cfg.direct_write_min_bytes,
+        ..Config::default()
+    };
+    let store = Store::open(fs, &cfg.data_dir, config)
         .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
     for note in &store.recovery_notes {
         tracing::warn!(%note, "recovery");

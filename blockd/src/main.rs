@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use blockd::cli::{self, Output, client::Client, transfer};
 use blockd::daemon::{self, ServeConfig};
 use blockd::nbd::Limits;
+use blockd::size;
 use blockd::store::io::IoEngine;
 
 #[derive(Debug, Parser)]
@@ -117,6 +118,26 @@ struct ServeArgs {
     /// the default.
     #[arg(long, env = "BLOCKD_IO_ENGINE", value_enum, default_value_t = IoEngineArg::Sync)]
     io_engine: IoEngineArg,
+    /// Writes of at least this size (and page-aligned) go to disk around the page cache
+    /// (O_DIRECT, where the file system allows it), e.g. 256K; `off` caches every write.
+    /// Large streaming writes then cost no page-cache memory and no writeback; smaller
+    /// writes stay cached for the reads that usually follow them.
+    #[arg(long, env = "BLOCKD_DIRECT_WRITES_FROM", default_value = "256K",
+          value_parser = parse_direct_writes_from)]
+    direct_writes_from: u64,
+}
+
+fn parse_direct_writes_from(s: &str) -> Result<u64, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(0);
+    }
+    let n = size::parse_size(s).map_err(|e| format!("{e}, or `off`"))?;
+    if n == 0 || !n.is_multiple_of(4096) {
+        return Err(format!(
+            "{s:?} is not a multiple of 4 KiB above zero: give a size such as 256K, or `off`"
+        ));
+    }
+    Ok(n)
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -363,6 +384,7 @@ fn serve(args: ServeArgs, api: String) -> Result<()> {
             IoEngineArg::Sync => IoEngine::Sync,
             IoEngineArg::Uring => IoEngine::Uring,
         },
+        direct_write_min_bytes: args.direct_writes_from,
     })
 }
 

@@ -168,6 +168,11 @@ pub struct Config {
     /// Size of the preallocated catalog log; when a change no longer fits, the catalog is
     /// rewritten in full and the log started again.
     pub catalog_log_bytes: u64,
+    /// Writes of at least this many bytes (page-aligned) go to the segment around the page
+    /// cache (`O_DIRECT` where the file system allows it); 0 turns that off. Large
+    /// streaming writes then cost no page-cache pages and no writeback; small writes, and
+    /// the data readers are likely to ask for back soon, stay cached.
+    pub direct_write_min_bytes: u64,
 }
 
 impl Default for Config {
@@ -175,9 +180,13 @@ impl Default for Config {
         Config {
             segment_bytes: 256 << 20,
             catalog_log_bytes: 1 << 20,
+            direct_write_min_bytes: DEFAULT_DIRECT_WRITE_MIN_BYTES,
         }
     }
 }
+
+/// See [`Config::direct_write_min_bytes`]; chosen by measurement (docs/BENCHMARKS.md).
+pub const DEFAULT_DIRECT_WRITE_MIN_BYTES: u64 = 256 << 10;
 
 /// The smallest segment that always has room for a maximal record after its header.
 pub const MIN_SEGMENT_BYTES: u64 = 2 * super::format::MAX_RECORD_BYTES as u64;

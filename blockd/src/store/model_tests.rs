@@ -617,6 +617,8 @@ struct Params {
     segment_bytes: u64,
     /// Small, so that the catalog log fills up and the catalog is rewritten often.
     catalog_log_bytes: u64,
+    /// Small, so that many writes take the direct-write path (no zeroes filled ahead).
+    direct_write_min_bytes: u64,
 }
 
 const MODEL_PARAMS: Params = Params {
@@ -627,6 +629,7 @@ const MODEL_PARAMS: Params = Params {
     max_write_bytes: 400 << 10,
     segment_bytes: 256 << 10,
     catalog_log_bytes: 4096,
+    direct_write_min_bytes: 16 << 10,
 };
 
 const CRASH_PARAMS: Params = Params {
@@ -637,6 +640,7 @@ const CRASH_PARAMS: Params = Params {
     max_write_bytes: 200 << 10,
     segment_bytes: 256 << 10,
     catalog_log_bytes: 4096,
+    direct_write_min_bytes: 16 << 10,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -822,6 +826,7 @@ impl World {
                 Config {
                     segment_bytes: self.p.segment_bytes,
                     catalog_log_bytes: self.p.catalog_log_bytes,
+                    direct_write_min_bytes: self.p.direct_write_min_bytes,
                 },
             );
         }
@@ -838,6 +843,7 @@ impl World {
             Config {
                 segment_bytes: self.p.segment_bytes,
                 catalog_log_bytes: self.p.catalog_log_bytes,
+                direct_write_min_bytes: self.p.direct_write_min_bytes,
             },
         )
     }

@@ -218,6 +218,9 @@ pub struct Active {
     /// Set by the first commit batch: only segments that are flushed fill ahead (a writer
     /// that never flushes would pay for the zeroes and gain nothing).
     flushed: bool,
+    /// Payloads of at least this many bytes (page-aligned) are written around the page
+    /// cache ([`FileIo::write_direct_at`]); 0: never.
+    direct_min: u64,
 }
 
 /// Writeback of an active segment's payloads is started every this many bytes.
@@ -313,6 +316,7 @@ impl Active {
             idx_filled: ENTRY_BYTES as u64,
             fill_limit: u64::MAX,
             flushed: false,
+            direct_min: 0,
         })
     }
 
@@ -320,6 +324,12 @@ impl Active {
     /// `DAT_FILL_STEP_BYTES`); 0 turns filling off (the `.idx` is filled either way).
     pub fn set_fill_limit(&mut self, bytes: u64) {
         self.fill_limit = bytes;
+    }
+
+    /// Write payloads of at least `bytes` bytes around the page cache (0: never). See
+    /// `Config::direct_write_min_bytes`.
+    pub fn set_direct_writes(&mut self, bytes: u64) {
+        self.direct_min = bytes;
     }
 
     /// Fills the `.idx` with zeroes ahead of a write of `slots` slots at the tail.
@@ -394,7 +404,15 @@ impl Active {
             records.push(record);
             off = data_off + len;
         }
-        if self.flushed {
+        let direct = self.direct_min > 0
+            && payload.len() as u64 >= self.direct_min
+            && first_off.is_multiple_of(format::PAGE_BYTES)
+            && (payload.len() as u64).is_multiple_of(format::PAGE_BYTES);
+        if direct {
+            // No zeroes ahead of a direct write: they would be cached pages that the kernel
+            // must write back before the direct write may overwrite them.
+            self.dat_filled = self.dat_filled.max(off);
+        } else if self.flushed {
             self.dat_filled = fill_ahead(
                 &*self.seg.dat,
                 self.dat_filled,
@@ -405,16 +423,20 @@ impl Active {
             .map_err(|e| StoreError::io(self.what(), e))?;
         }
         self.fill_idx(records.len() as u64)?;
-        // Payloads, then entries: one submission on engines that can link the two writes.
-        self.seg
-            .dat
-            .write_pair(
-                payload,
-                first_off,
-                &*self.idx,
-                &entries,
-                self.idx_slots * ENTRY_BYTES as u64,
-            )
+        let idx_off = self.idx_slots * ENTRY_BYTES as u64;
+        let written = if direct {
+            // Payloads, then entries, as in `write_pair`.
+            self.seg
+                .dat
+                .write_direct_at(payload, first_off)
+                .and_then(|()| self.idx.write_all_at(&entries, idx_off))
+        } else {
+            // One submission on engines that can link the two writes.
+            self.seg
+                .dat
+                .write_pair(payload, first_off, &*self.idx, &entries, idx_off)
+        };
+        written
             .map_err(|e| StoreError::io(format!("appending to segment {:016x}", self.seg.id), e))?;
         for r in &records {
             self.entry_appended(*r);

@@ -413,6 +413,7 @@ impl VolumeCore {
         let id = self.ctx.alloc_segment_id();
         let mut active = Active::create(&*self.ctx.fs, &self.ctx.seg_dir, id, 1)?;
         active.set_fill_limit(self.ctx.config.segment_bytes);
+        active.set_direct_writes(self.ctx.config.direct_write_min_bytes);
         self.ctx
             .fs
             .sync_dir(&self.ctx.seg_dir)

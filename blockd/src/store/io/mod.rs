@@ -15,6 +15,60 @@ use std::os::unix::io::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
+/// Offsets, lengths and buffer addresses of direct writes are multiples of this (the
+/// page size: a multiple of every logical block size and DMA alignment Linux uses).
+/// Direct writes from a buffer at another address are copied through an aligned one.
+pub const DIRECT_ALIGN_BYTES: usize = 4096;
+
+/// A zeroed heap buffer whose address is a multiple of [`DIRECT_ALIGN_BYTES`], so that a
+/// direct write can go from it without a copy.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer owns its memory exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads (`as_slice`), like a Vec<u8>.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> AlignedBuf {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN_BYTES)
+            .expect("aligned buffer layout");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, layout }
+    }
+
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `layout.size()` initialised bytes owned by this buffer.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `layout.size()` initialised bytes owned by this buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
 /// Which engine serves the store's files (`blockd serve --io-engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoEngine {
@@ -47,6 +101,12 @@ pub trait FileIo: Send + Sync {
     /// Reads up to `buf.len()` bytes at `off`; fewer only at end of file.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Writes `buf` at `off` around the page cache where the engine and file system can
+    /// (`O_DIRECT`), else like [`FileIo::write_all_at`]. Durable, like any write, only
+    /// after [`FileIo::sync_data`]. For large appends that nobody is about to read.
+    fn write_direct_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.write_all_at(buf, off)
+    }
     /// Makes every completed write to this file durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;

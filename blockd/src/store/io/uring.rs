@@ -271,6 +271,11 @@ impl FileIo for UringFile {
         self.write_rest(buf, off)
     }
 
+    /// A direct write blocks in the device either way; it goes through the plain engine.
+    fn write_direct_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.0.write_direct_at(buf, off)
+    }
+
     fn sync_data(&self) -> io::Result<()> {
         check_poisoned();
         let started = std::time::Instant::now();
