@@ -36,12 +36,17 @@ use super::errno::errno_of;
 use super::handshake::Session;
 use super::stream::Stream;
 use crate::metrics::{ConnMetrics, ExportMetrics};
+use crate::store::io::AlignedBuf;
 use crate::store::{ExtentState, Volume, ZeroMode};
 
 /// Initial size of the input buffer: room for many small requests at once.
 const INPUT_BUFFER_BYTES: usize = 256 * 1024;
 /// Buffers that grew past this for one large request are shrunk back afterwards.
 const SHRINK_ABOVE_BYTES: usize = 4 << 20;
+/// Write payloads at least this large that have not fully arrived are read from the socket
+/// straight into a page-aligned buffer: the store can then write them to disk around the
+/// page cache without copying them again, and the input buffer never shifts them.
+const ALIGNED_PAYLOAD_BYTES: usize = 128 * 1024;
 /// Most descriptors in one BLOCK_STATUS reply (the spec allows 2^20; this keeps replies
 /// under 1 MiB).
 const MAX_STATUS_EXTENTS: usize = 1 << 17;
@@ -236,6 +241,7 @@ pub fn serve(
             deferred: false,
             arrived: Instant::now(),
         },
+        large: None,
     };
     let end = conn.run();
     conn.finish(commit_thread);
@@ -314,6 +320,123 @@ struct Exec {
 struct Conn {
     input: Input,
     exec: Exec,
+    /// Runs large writes while this thread reads the next request (started on the first).
+    large: Option<LargeWriter>,
+}
+
+/// Large writes at most in the writer's hands at once (running or queued): while one goes
+/// to disk, the next is received.
+const LARGE_WRITES_IN_FLIGHT: usize = 2;
+
+/// A thread that runs a connection's large writes, so that receiving the next payload
+/// from the socket overlaps with writing the last one to disk. Each write is answered by
+/// the writer itself. Every other request waits until the writer is idle, so reads,
+/// flushes and small writes see every large write received before them completed.
+struct LargeWriter {
+    queue: Option<SyncSender<(Request, AlignedBuf, usize, Instant)>>,
+    /// Buffers come back here once their write was answered.
+    done: std::sync::mpsc::Receiver<AlignedBuf>,
+    in_flight: usize,
+    /// Returned buffers, for reuse (fresh memory is slow to touch on some VMs).
+    spare: Vec<AlignedBuf>,
+    /// Returns whether the writer wrote anything (for the flush at disconnect).
+    thread: Option<JoinHandle<bool>>,
+}
+
+impl LargeWriter {
+    fn start(exec: &Exec) -> io::Result<LargeWriter> {
+        let (queue, jobs) = sync_channel::<(Request, AlignedBuf, usize, Instant)>(1);
+        let (done_tx, done) = sync_channel(LARGE_WRITES_IN_FLIGHT + 1);
+        let mut worker = exec.sibling();
+        let thread = std::thread::Builder::new()
+            .name("nbd-write".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                for (req, buf, len, arrived) in jobs {
+                    worker.handle(&req, &buf.as_slice()[..len], arrived);
+                    let _ = worker.send_batch();
+                    if done_tx.send(buf).is_err() {
+                        break;
+                    }
+                }
+                worker.metrics.publish();
+                worker.dirty
+            })?;
+        Ok(LargeWriter {
+            queue: Some(queue),
+            done,
+            in_flight: 0,
+            spare: Vec::new(),
+            thread: Some(thread),
+        })
+    }
+
+    /// A buffer of at least `len` bytes: a spare one, one back from the writer, or new.
+    fn buffer(&mut self, len: usize) -> AlignedBuf {
+        while let Ok(b) = self.done.try_recv() {
+            self.in_flight -= 1;
+            self.keep(b);
+        }
+        if let Some(i) = self.spare.iter().position(|b| b.len() >= len) {
+            return self.spare.swap_remove(i);
+        }
+        if self.in_flight >= LARGE_WRITES_IN_FLIGHT
+            && let Ok(b) = self.done.recv()
+        {
+            self.in_flight -= 1;
+            if b.len() >= len {
+                return b;
+            }
+        }
+        AlignedBuf::new(len.next_multiple_of(64 * 1024))
+    }
+
+    /// Hands a write over; gives the buffer back if the writer is gone.
+    fn submit(
+        &mut self,
+        req: Request,
+        buf: AlignedBuf,
+        len: usize,
+        arrived: Instant,
+    ) -> Option<AlignedBuf> {
+        let Some(q) = &self.queue else {
+            return Some(buf);
+        };
+        match q.send((req, buf, len, arrived)) {
+            Ok(()) => {
+                self.in_flight += 1;
+                None
+            }
+            Err(e) => Some(e.0.1),
+        }
+    }
+
+    /// Keeps a returned buffer for reuse unless it is large or enough are kept.
+    fn keep(&mut self, b: AlignedBuf) {
+        if b.len() <= SHRINK_ABOVE_BYTES && self.spare.len() < LARGE_WRITES_IN_FLIGHT {
+            self.spare.push(b);
+        }
+    }
+
+    /// Waits until every large write handed over was answered.
+    fn drain(&mut self) {
+        while self.in_flight > 0 {
+            match self.done.recv() {
+                Ok(b) => {
+                    self.in_flight -= 1;
+                    self.keep(b);
+                }
+                Err(_) => self.in_flight = 0,
+            }
+        }
+    }
+
+    /// Lets the writer finish; returns whether it wrote anything.
+    fn stop(&mut self) -> bool {
+        self.queue = None;
+        self.drain();
+        self.thread.take().is_some_and(|t| t.join().unwrap_or(true))
+    }
 }
 
 impl Conn {
@@ -349,6 +472,18 @@ impl Conn {
                 continue;
             }
             let total = REQUEST_BYTES + payload_len;
+            if req.command == Command::Write
+                && payload_len >= ALIGNED_PAYLOAD_BYTES
+                && self.input.buffered() < total
+            {
+                if !self.large_write(req, payload_len)? {
+                    return Ok(End::Eof);
+                }
+                continue;
+            }
+            if let Some(l) = &mut self.large {
+                l.drain();
+            }
             if self.input.buffered() < total {
                 self.exec.send_batch()?;
                 if !self.input.fill(total)? {
@@ -366,6 +501,41 @@ impl Conn {
                 self.exec.send_batch()?;
             }
         }
+    }
+
+    /// Handles a write whose payload has not fully arrived: the payload is read into an
+    /// aligned buffer (what is buffered copied, the rest read straight into place) and
+    /// handed to the large-write thread. Returns false at end of stream.
+    fn large_write(&mut self, req: Request, len: usize) -> io::Result<bool> {
+        self.exec.send_batch()?;
+        if self.large.is_none() {
+            self.large = Some(LargeWriter::start(&self.exec)?);
+        }
+        let Some(large) = &mut self.large else {
+            return Ok(false);
+        };
+        let mut buf = large.buffer(len);
+        let dst = &mut buf.as_mut_slice()[..len];
+        let have = self.input.buffered() - REQUEST_BYTES;
+        let from = self.input.start + REQUEST_BYTES;
+        dst[..have].copy_from_slice(&self.input.buf[from..from + have]);
+        self.input.consume(REQUEST_BYTES + have);
+        let mut got = have;
+        while got < len {
+            match self.input.stream.read(&mut dst[got..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.input.arrived = Instant::now();
+        if let Some(buf) = large.submit(req, buf, len, self.input.arrived) {
+            // The writer thread is gone (it panicked): run the write here.
+            self.exec
+                .handle(&req, &buf.as_slice()[..len], self.input.arrived);
+        }
+        Ok(true)
     }
 
     /// Skips `n` payload bytes. Returns false at end of stream.
@@ -388,6 +558,11 @@ impl Conn {
     /// the volume if this connection wrote to it (data is durable after a clean
     /// disconnect).
     fn finish(&mut self, commit_thread: JoinHandle<()>) {
+        if let Some(mut l) = self.large.take()
+            && l.stop()
+        {
+            self.exec.dirty = true;
+        }
         let _ = self.exec.send_batch();
         self.exec.commit = None;
         let _ = commit_thread.join();
@@ -404,6 +579,24 @@ impl Conn {
 impl Exec {
     /// Sends the reply batch; also publishes the connection's counts, since the connection
     /// may block on the socket next.
+    /// Another executor for the same connection (the large-write thread's): same volume,
+    /// reply stream and commit queue, its own reply buffer and metric counters.
+    fn sibling(&self) -> Exec {
+        Exec {
+            volume: self.volume.clone(),
+            caps: self.caps,
+            out: Vec::with_capacity(4096),
+            writer: self.writer.clone(),
+            commit: self.commit.clone(),
+            dirty: false,
+            batch_bytes: self.batch_bytes,
+            metrics: self.metrics.shared().local(),
+            unsent: 0,
+            deferred: false,
+            arrived: Instant::now(),
+        }
+    }
+
     fn send_batch(&mut self) -> io::Result<()> {
         self.metrics.publish();
         if self.out.is_empty() {
