@@ -45,8 +45,11 @@ const INPUT_BUFFER_BYTES: usize = 256 * 1024;
 const SHRINK_ABOVE_BYTES: usize = 4 << 20;
 /// Write payloads at least this large that have not fully arrived are read from the socket
 /// straight into a page-aligned buffer: the store can then write them to disk around the
-/// page cache without copying them again, and the input buffer never shifts them.
-const ALIGNED_PAYLOAD_BYTES: usize = 128 * 1024;
+/// page cache without copying them again, and the input buffer never shifts them. The
+/// store's default direct-write threshold (`serve --direct-writes-from`): smaller writes,
+/// such as a database's, are buffered writes that gain too little from a second thread
+/// to pay for handing them over.
+const ALIGNED_PAYLOAD_BYTES: usize = 256 * 1024;
 /// Most descriptors in one BLOCK_STATUS reply (the spec allows 2^20; this keeps replies
 /// under 1 MiB).
 const MAX_STATUS_EXTENTS: usize = 1 << 17;
