@@ -580,8 +580,6 @@ impl Conn {
 }
 
 impl Exec {
-    /// Sends the reply batch; also publishes the connection's counts, since the connection
-    /// may block on the socket next.
     /// Another executor for the same connection (the large-write thread's): same volume,
     /// reply stream and commit queue, its own reply buffer and metric counters.
     fn sibling(&self) -> Exec {
@@ -600,6 +598,8 @@ impl Exec {
         }
     }
 
+    /// Sends the reply batch; also publishes the connection's counts, since the connection
+    /// may block on the socket next.
     fn send_batch(&mut self) -> io::Result<()> {
         self.metrics.publish();
         if self.out.is_empty() {
