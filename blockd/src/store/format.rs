@@ -540,23 +540,36 @@ pub fn encode_catalog(generation: u64, body: &[u8]) -> Vec<u8> {
     )
 }
 
-/// Decodes and verifies the catalog file; returns the generation and the body.
-pub fn decode_catalog(bytes: &[u8]) -> Result<(u64, &[u8]), FormatError> {
-    let h = bytes
+/// Verifies the header of an envelope ([`encode_envelope`]); returns (generation, body
+/// length). The body's checksum is at bytes 32..36 of the header.
+fn decode_envelope_header(
+    h: &[u8],
+    magic: [u8; 8],
+    salt_header: u32,
+) -> Result<(u64, u64), FormatError> {
+    let h = h
         .get(..CATALOG_HEADER_BYTES)
         .ok_or(FormatError::Truncated)?;
-    if h[0..8] != CATALOG_MAGIC {
+    if h[0..8] != magic {
         return Err(FormatError::BadMagic);
     }
-    if crc(SALT_CATALOG_HEADER, &h[..60]) != get_u32(h, 60) {
+    if crc(salt_header, &h[..60]) != get_u32(h, 60) {
         return Err(FormatError::BadChecksum);
     }
     check_version(get_u16(h, 8))?;
-    let generation = get_u64(h, 16);
+    check_reserved(h, 10, 16)?;
+    check_reserved(h, 36, 60)?;
     let len = get_u64(h, 24);
     if len > MAX_CATALOG_BYTES {
         return Err(FormatError::Invalid("catalog body length"));
     }
+    Ok((get_u64(h, 16), len))
+}
+
+/// Decodes and verifies the catalog file; returns the generation and the body.
+pub fn decode_catalog(bytes: &[u8]) -> Result<(u64, &[u8]), FormatError> {
+    let (generation, len) = decode_envelope_header(bytes, CATALOG_MAGIC, SALT_CATALOG_HEADER)?;
+    let h = &bytes[..CATALOG_HEADER_BYTES];
     let body = bytes
         .get(CATALOG_HEADER_BYTES..CATALOG_HEADER_BYTES + len as usize)
         .ok_or(FormatError::Truncated)?;
@@ -572,7 +585,8 @@ pub fn decode_catalog(bytes: &[u8]) -> Result<(u64, &[u8]), FormatError> {
 /// header fills the first one and every record starts at a multiple of it. A disk writes a
 /// sector whole or not at all, which is what tells a torn record from a damaged one.
 pub const LOG_SECTOR_BYTES: usize = 512;
-const LOG_RECORD_HEADER_BYTES: usize = 64;
+/// A record starts with the same 64-byte header as the catalog file ([`encode_envelope`]).
+const LOG_RECORD_HEADER_BYTES: usize = CATALOG_HEADER_BYTES;
 
 /// The log's first sector: the catalog generation its first record follows.
 pub fn encode_log_header(base_generation: u64) -> Vec<u8> {
@@ -603,20 +617,7 @@ pub fn encode_log_record(generation: u64, body: &[u8]) -> Vec<u8> {
 
 /// A record header that checks out: (generation, body length).
 fn decode_log_record_header(h: &[u8]) -> Result<(u64, u64), FormatError> {
-    if h[0..8] != LOG_RECORD_MAGIC {
-        return Err(FormatError::BadMagic);
-    }
-    if crc(SALT_LOG_RECORD_HEADER, &h[..60]) != get_u32(h, 60) {
-        return Err(FormatError::BadChecksum);
-    }
-    check_version(get_u16(h, 8))?;
-    check_reserved(h, 10, 16)?;
-    check_reserved(h, 36, 60)?;
-    let len = get_u64(h, 24);
-    if len > MAX_CATALOG_BYTES {
-        return Err(FormatError::Invalid("catalog log record length"));
-    }
-    Ok((get_u64(h, 16), len))
+    decode_envelope_header(h, LOG_RECORD_MAGIC, SALT_LOG_RECORD_HEADER)
 }
 
 /// What a scan of the catalog log found.
