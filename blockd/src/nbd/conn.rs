@@ -43,13 +43,6 @@ use crate::store::{ExtentState, Volume, ZeroMode};
 const INPUT_BUFFER_BYTES: usize = 256 * 1024;
 /// Buffers that grew past this for one large request are shrunk back afterwards.
 const SHRINK_ABOVE_BYTES: usize = 4 << 20;
-/// Write payloads at least this large that have not fully arrived are read from the socket
-/// straight into a page-aligned buffer: the store can then write them to disk around the
-/// page cache without copying them again, and the input buffer never shifts them. The
-/// store's default direct-write threshold (`serve --direct-writes-from`): smaller writes,
-/// such as a database's, are buffered writes that gain too little from a second thread
-/// to pay for handing them over.
-const ALIGNED_PAYLOAD_BYTES: usize = 256 * 1024;
 /// Most descriptors in one BLOCK_STATUS reply (the spec allows 2^20; this keeps replies
 /// under 1 MiB).
 const MAX_STATUS_EXTENTS: usize = 1 << 17;
@@ -217,6 +210,7 @@ pub fn serve(
         Ok(t) => t,
         Err(e) => return End::Io(e),
     };
+    let volume_direct_min = volume.direct_write_min_bytes();
     let caps = Caps {
         size: volume.size(),
         read_only: volume.is_read_only(),
@@ -245,6 +239,10 @@ pub fn serve(
             arrived: Instant::now(),
         },
         large: None,
+        large_from: match volume_direct_min {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        },
     };
     let end = conn.run();
     conn.finish(commit_thread);
@@ -325,6 +323,13 @@ struct Conn {
     exec: Exec,
     /// Runs large writes while this thread reads the next request (started on the first).
     large: Option<LargeWriter>,
+    /// Write payloads at least this large that have not fully arrived are read from the
+    /// socket straight into a page-aligned buffer and handed to `large`: the volume's
+    /// direct-write threshold (`serve --direct-writes-from`), since those writes block in
+    /// the device and go out without another copy. Smaller writes, such as a database's,
+    /// are buffered writes that gain too little from a second thread to pay for the
+    /// hand-over (docs/BENCHMARKS.md).
+    large_from: usize,
 }
 
 /// Large writes at most in the writer's hands at once (running or queued): while one goes
@@ -476,7 +481,7 @@ impl Conn {
             }
             let total = REQUEST_BYTES + payload_len;
             if req.command == Command::Write
-                && payload_len >= ALIGNED_PAYLOAD_BYTES
+                && payload_len >= self.large_from
                 && self.input.buffered() < total
             {
                 if !self.large_write(req, payload_len)? {

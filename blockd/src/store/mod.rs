@@ -74,6 +74,12 @@ pub trait Volume: Send + Sync {
     fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
         Ok(())
     }
+    /// Writes of at least this many bytes go to disk around the page cache and block in
+    /// the device (`Config::direct_write_min_bytes`); 0: none do. A caller can overlap
+    /// receiving the next such write with this one.
+    fn direct_write_min_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Checks that `offset + len` lies within `size`.

@@ -589,6 +589,10 @@ impl Volume for VolumeHandle {
         self.core.size
     }
 
+    fn direct_write_min_bytes(&self) -> u64 {
+        self.core.ctx.config.direct_write_min_bytes
+    }
+
     fn is_read_only(&self) -> bool {
         false
     }
