@@ -117,8 +117,9 @@ impl FileIo for SyncFile {
     }
 
     /// With `O_DIRECT` when the range is page-aligned and the file system allows it: the
-    /// data goes from a bounce buffer to the device instead of into page-cache pages (no
-    /// page allocation, no writeback later). Otherwise, or if the file system refuses the
+    /// data goes from `buf` (or, if `buf` is not page-aligned in memory, a bounce buffer)
+    /// to the device instead of into page-cache pages (no page allocation, no writeback
+    /// later). Otherwise, or if the file system refuses the
     /// direct write with EINVAL, a plain buffered write.
     fn write_direct_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let aligned = off.is_multiple_of(DIRECT_ALIGN_BYTES as u64)
@@ -253,11 +254,26 @@ mod tests {
         f.read_exact_at(&mut cached, 0)
             .expect("read into the page cache");
 
-        // Larger than the bounce buffer, so it is written in several pieces.
+        // Not page-aligned in memory and larger than the bounce buffer, so it is copied
+        // through it in several pieces.
         let big = pattern(BOUNCE_BYTES + 2 * 4096, 2);
-        f.write_direct_at(&big, 4096).expect("direct write");
+        let mut held = vec![0u8; big.len() + 1];
+        let skew = usize::from((held.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN_BYTES));
+        held[skew..skew + big.len()].copy_from_slice(&big);
+        let unaligned_memory = &held[skew..skew + big.len()];
+        assert!(!(unaligned_memory.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN_BYTES));
+        f.write_direct_at(unaligned_memory, 4096)
+            .expect("direct write");
+        // Page-aligned in memory: written straight from the buffer.
+        let mut aligned = AlignedBuf::new(2 * 4096);
+        aligned
+            .as_mut_slice()
+            .copy_from_slice(&pattern(2 * 4096, 4));
+        let after_big = 4096 + big.len() as u64;
+        f.write_direct_at(aligned.as_slice(), after_big + 4096)
+            .expect("aligned direct write");
         let unaligned = pattern(1000, 3);
-        f.write_direct_at(&unaligned, 4096 + big.len() as u64 + 10)
+        f.write_direct_at(&unaligned, after_big + 10)
             .expect("unaligned write");
         f.sync_data().expect("sync");
 
@@ -275,10 +291,14 @@ mod tests {
             "a buffered read after a direct write returned other bytes"
         );
         let mut tail = vec![0u8; 1000];
-        f.read_exact_at(&mut tail, 4096 + big.len() as u64 + 10)
+        f.read_exact_at(&mut tail, after_big + 10)
             .expect("read unaligned");
         assert_eq!(tail, unaligned);
-        if fs::metadata(dir.path()).is_ok() && is_ext4(dir.path()) {
+        let mut from_aligned = vec![0u8; 2 * 4096];
+        f.read_exact_at(&mut from_aligned, after_big + 4096)
+            .expect("read aligned");
+        assert_eq!(from_aligned, pattern(2 * 4096, 4));
+        if is_ext4(dir.path()) {
             assert!(f.direct_file().is_some(), "ext4 refused O_DIRECT");
         }
     }
