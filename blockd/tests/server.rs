@@ -598,6 +598,121 @@ fn sigterm_with_a_busy_client_ends_cleanly() {
 
 // ---------------------------------------------------------------- large writes
 
+/// Small writes that arrive together are appended as one burst (one vectored write of
+/// their payloads, one of their index entries). Every one is still answered on its own:
+/// an out-of-range write in the middle is refused alone, later writes over earlier ones
+/// win, a read in the middle sees exactly the writes sent before it, FUA and FLUSH make
+/// them durable, and a `kill -9` after the flush loses none of them.
+#[test]
+fn pipelined_small_writes_are_answered_one_by_one_and_survive_kill_after_flush() {
+    const SIZE: usize = 4 << 20;
+    let d = Daemon::start();
+    d.create_volume(VOLUME, "4M");
+    let mut c = connected(&d);
+    let mut expected = vec![0u8; SIZE];
+    let mut batch = Vec::new();
+    let mut ok = Vec::new();
+    let mut refused = None;
+    let mut middle_read = None;
+    let mut rng = 12345u64;
+    let mut next = |n: u64| {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) % n
+    };
+    for i in 0..400u64 {
+        if i == 150 {
+            // Out of range: refused, and the writes around it still happen.
+            let w = c.cookie();
+            batch.extend(encode_request(
+                CMD_WRITE,
+                0,
+                w,
+                SIZE as u64 - 512,
+                4096,
+                &[7; 4096],
+            ));
+            refused = Some(w);
+        }
+        if i == 200 {
+            let r = c.cookie();
+            batch.extend(encode_request(CMD_READ, 0, r, 0, SIZE as u32, &[]));
+            middle_read = Some((r, expected.clone()));
+        }
+        // 4 KiB-aligned pages, odd sizes at odd offsets, single bytes; a third of them over
+        // the previous write's range.
+        let (off, len) = match next(3) {
+            0 => (next(1024) * 4096, 4096 * (1 + next(4)) as usize),
+            1 => (next(SIZE as u64 - 70_000), 1 + next(65_536) as usize),
+            _ => (next(SIZE as u64), 1),
+        };
+        let off = if i % 3 == 2 {
+            ok.last().map_or(off, |&(_, o, _)| o)
+        } else {
+            off
+        };
+        let len = len.min(SIZE - off as usize);
+        let data = pattern(9000 + i, len);
+        expected[off as usize..off as usize + len].copy_from_slice(&data);
+        let flags = if i % 50 == 49 { CMD_FLAG_FUA } else { 0 };
+        let w = c.cookie();
+        batch.extend(encode_request(CMD_WRITE, flags, w, off, len as u32, &data));
+        ok.push((w, off, len));
+    }
+    let flush = c.cookie();
+    batch.extend(encode_request(CMD_FLUSH, 0, flush, 0, 0, &[]));
+    let sender = c.send_in_background(batch);
+    let (read_cookie, at_read) = middle_read.expect("a read in the middle");
+    let mut answered = HashMap::new();
+    for _ in 0..ok.len() + 3 {
+        let r = c.simple_reply();
+        if r.cookie == read_cookie {
+            assert_eq!(r.error, 0, "the read in the middle failed");
+            let got = c.read_n(SIZE);
+            assert!(
+                got == at_read,
+                "a read behind 200 pipelined writes does not see exactly those writes (first \
+                 difference at byte {:?})",
+                got.iter().zip(&at_read).position(|(a, b)| a != b)
+            );
+        }
+        assert!(
+            answered.insert(r.cookie, r.error).is_none(),
+            "request {} answered twice",
+            r.cookie
+        );
+    }
+    sender.join().expect("sender").expect("send");
+    let refused = refused.expect("an out-of-range write");
+    assert_ne!(
+        answered.get(&refused).copied().unwrap_or(0),
+        0,
+        "out-of-range write accepted"
+    );
+    for &(w, off, len) in &ok {
+        assert_eq!(
+            answered.get(&w),
+            Some(&0),
+            "write {off}+{len} not answered with success"
+        );
+    }
+    assert_eq!(answered.get(&flush), Some(&0), "flush failed");
+    assert!(
+        c.read(0, SIZE) == expected,
+        "volume after the pipelined writes"
+    );
+    drop(c);
+
+    let (dir, data_dir) = d.into_dirs(false);
+    let d = Daemon::start_in(dir, data_dir, &[]);
+    let mut c = connected(&d);
+    assert!(
+        c.read(0, SIZE) == expected,
+        "flushed pipelined small writes lost or changed across kill -9"
+    );
+}
+
 /// Large writes are received into an aligned buffer and run on a second thread while the
 /// next request arrives (and the big aligned ones go to disk around the page cache). Every
 /// other request waits for them: a read right behind a write returns the new data, a

@@ -243,6 +243,7 @@ pub fn serve(
             0 => usize::MAX,
             n => usize::try_from(n).unwrap_or(usize::MAX),
         },
+        burst: Vec::new(),
     };
     let end = conn.run();
     conn.finish(commit_thread);
@@ -330,6 +331,17 @@ struct Conn {
     /// are buffered writes that gain too little from a second thread to pay for the
     /// hand-over (docs/BENCHMARKS.md).
     large_from: usize,
+    /// The writes of the burst being handled (kept to reuse its allocation).
+    burst: Vec<BurstWrite>,
+}
+
+/// Writes at most in one burst handed to the volume at once (`Conn::burst`).
+const MAX_BURST_WRITES: usize = 64;
+
+/// A write of a burst: its header and where its payload sits in the input buffer.
+struct BurstWrite {
+    req: Request,
+    payload: std::ops::Range<usize>,
 }
 
 /// Large writes at most in the writer's hands at once (running or queued): while one goes
@@ -499,6 +511,16 @@ impl Conn {
                 }
                 continue;
             }
+            if req.command == Command::Write && self.burst(at, req, total) > 1 {
+                let used = self.burst.last().map_or(total, |w| w.payload.end - at);
+                self.exec
+                    .handle_burst(&self.input.buf, &self.burst, self.input.arrived);
+                self.input.consume(used);
+                if self.exec.out.len() >= self.exec.batch_bytes {
+                    self.exec.send_batch()?;
+                }
+                continue;
+            }
             let payload = &self.input.buf[at + REQUEST_BYTES..at + total];
             let disc = self.exec.handle(&req, payload, self.input.arrived);
             self.input.consume(total);
@@ -509,6 +531,39 @@ impl Conn {
                 self.exec.send_batch()?;
             }
         }
+    }
+
+    /// Collects into `self.burst` the write `req` (header at `at`, `total` bytes with its
+    /// payload, all buffered) and the writes right behind it that are buffered whole, are
+    /// acceptable and below `large_from`, up to `MAX_BURST_WRITES`. Returns how many.
+    fn burst(&mut self, at: usize, req: Request, total: usize) -> usize {
+        self.burst.clear();
+        if check_request(&req, &self.exec.caps).is_err() || total - REQUEST_BYTES >= self.large_from
+        {
+            return 0;
+        }
+        self.burst.push(BurstWrite {
+            req,
+            payload: at + REQUEST_BYTES..at + total,
+        });
+        let mut next = at + total;
+        while self.burst.len() < MAX_BURST_WRITES && self.input.end - next >= REQUEST_BYTES {
+            let Ok(req) = tx::decode_request(&self.input.buf[next..next + REQUEST_BYTES]) else {
+                break;
+            };
+            let len = req.payload_len() as usize;
+            if req.command != Command::Write
+                || len >= self.large_from
+                || self.input.end - next - REQUEST_BYTES < len
+                || check_request(&req, &self.exec.caps).is_err()
+            {
+                break;
+            }
+            let payload = next + REQUEST_BYTES..next + REQUEST_BYTES + len;
+            next = payload.end;
+            self.burst.push(BurstWrite { req, payload });
+        }
+        self.burst.len()
     }
 
     /// Handles a write whose payload has not fully arrived: the payload is read into an
@@ -674,11 +729,50 @@ impl Exec {
         self.deferred = false;
         self.arrived = arrived;
         let disc = self.run(req, payload);
+        self.answered(req.command, arrived);
+        disc
+    }
+
+    /// Counts a request whose reply is in the batch (not one left to the commit thread).
+    fn answered(&mut self, command: Command, arrived: Instant) {
         if !self.deferred {
             self.unsent += 1;
-            self.metrics.observe(req.command, arrived.elapsed());
+            self.metrics.observe(command, arrived.elapsed());
         }
-        disc
+    }
+
+    /// Runs a burst of writes (checked by `check_request`, payloads in `buf`) with one
+    /// `write_many`, so the store can append them at once, and answers each: a FUA write
+    /// once it is durable, every write with the error if the burst failed.
+    fn handle_burst(&mut self, buf: &[u8], burst: &[BurstWrite], arrived: Instant) {
+        let writes: Vec<(u64, &[u8])> = burst
+            .iter()
+            .map(|w| (w.req.offset, &buf[w.payload.clone()]))
+            .collect();
+        for w in burst {
+            self.metrics.request(w.req.command);
+        }
+        self.dirty = true;
+        let result = self
+            .volume
+            .write_many(&writes)
+            .map_err(|e| (errno_of(&e), e.to_string()));
+        for (w, (_, data)) in burst.iter().zip(&writes) {
+            self.deferred = false;
+            self.arrived = arrived;
+            match &result {
+                Err((errno, message)) => self.error_reply(w.req.cookie, *errno, message),
+                Ok(()) => {
+                    self.metrics.write_bytes(data.len() as u64);
+                    if w.req.has(CMD_FLAG_FUA) {
+                        self.after_commit(&w.req);
+                    } else {
+                        self.ok_reply(w.req.cookie);
+                    }
+                }
+            }
+            self.answered(w.req.command, arrived);
+        }
     }
 
     /// Runs one request. Returns true for NBD_CMD_DISC.

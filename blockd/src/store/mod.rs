@@ -62,6 +62,15 @@ pub trait Volume: Send + Sync {
     /// Fills `buf` with the bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Runs `writes` in order, as `write` each would (a client's pipelined writes); the
+    /// store may append them at once. On error, any of them may have been written or not,
+    /// as after a failed `write`.
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<()> {
+        for (offset, data) in writes {
+            self.write(*offset, data)?;
+        }
+        Ok(())
+    }
     /// Discards a range; it reads back as zeroes afterwards.
     fn trim(&self, offset: u64, len: u64) -> Result<()>;
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()>;

@@ -291,6 +291,9 @@ struct MSnap {
     parent: Option<u64>,
     img: Image,
     known: bool,
+    /// The volume's failed writes at snapshot time: their bytes may be in the snapshot,
+    /// so a clone or reset from it may hold them too.
+    undefined: Vec<Unflushed>,
 }
 
 /// What the store should hold: volumes and snapshots in catalog order, with the same
@@ -380,6 +383,7 @@ impl Model {
             return Err(ErrorKind::AlreadyExists);
         }
         let (parent, img, known) = (v.origin, v.cur.clone(), v.known);
+        let undefined = v.undefined.clone();
         let key = self.next_key;
         self.next_key += 1;
         let s = MSnap {
@@ -389,6 +393,7 @@ impl Model {
             parent,
             img,
             known,
+            undefined,
         };
         self.snaps.push(s);
         let v = self.vol_mut(vol).expect("checked above");
@@ -401,24 +406,25 @@ impl Model {
         self.name_free(name)?;
         let key = self.snap_key(vol, snap).ok_or(ErrorKind::NotFound)?;
         let s = self.snap(key).expect("found by key");
-        let v = MVol::new(name, s.img.clone(), s.known, Some(key));
+        let mut v = MVol::new(name, s.img.clone(), s.known, Some(key));
+        v.undefined = s.undefined.clone();
         self.vols.push(v);
         Ok(())
     }
 
     fn reset(&mut self, vol: &str) -> Want {
         let v = self.vol(vol).ok_or(ErrorKind::NotFound)?;
-        let (img, known) = match v.origin {
+        let (img, known, undefined) = match v.origin {
             Some(k) => {
                 let s = self.snap(k).expect("origins exist");
-                (s.img.clone(), s.known)
+                (s.img.clone(), s.known, s.undefined.clone())
             }
-            None => (Image::new(v.size), true),
+            None => (Image::new(v.size), true, Vec::new()),
         };
         let v = self.vol_mut(vol).expect("checked above");
         v.cur = img;
         v.known = known;
-        v.undefined.clear();
+        v.undefined = undefined;
         v.settle();
         Ok(())
     }
@@ -653,6 +659,8 @@ enum DataOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Write,
+    /// A client's pipelined writes in one `write_many` (one append for the small ones).
+    WriteMany,
     Trim,
     Zero,
     Read,
@@ -672,6 +680,7 @@ enum Op {
 
 const MODEL_MIX: &[(Op, u64)] = &[
     (Op::Write, 26),
+    (Op::WriteMany, 8),
     (Op::Trim, 5),
     (Op::Zero, 5),
     (Op::Read, 12),
@@ -691,6 +700,7 @@ const MODEL_MIX: &[(Op, u64)] = &[
 
 const CRASH_MIX: &[(Op, u64)] = &[
     (Op::Write, 30),
+    (Op::WriteMany, 10),
     (Op::Trim, 5),
     (Op::Zero, 5),
     (Op::Read, 3),
@@ -707,6 +717,7 @@ const CRASH_MIX: &[(Op, u64)] = &[
 
 const FSYNC_MIX: &[(Op, u64)] = &[
     (Op::Write, 30),
+    (Op::WriteMany, 10),
     (Op::Trim, 5),
     (Op::Zero, 5),
     (Op::Flush, 15),
@@ -1011,6 +1022,7 @@ impl World {
     fn do_op(&mut self, op: Op) {
         match op {
             Op::Write => self.op_data(DataOp::Write),
+            Op::WriteMany => self.op_write_many(),
             Op::Trim => self.op_data(DataOp::Trim),
             Op::Zero => {
                 let may_trim = self.rng.chance(50);
@@ -1078,6 +1090,66 @@ impl World {
         }
         if self.rng.chance(40) {
             self.check_read_at(&vol, off.min(size.unwrap_or(0)), len);
+        }
+    }
+
+    /// 2 to 8 writes to one volume in one `write_many`, mostly small and often overlapping
+    /// each other (a later one wins), now and then one out of range (then none happens).
+    fn op_write_many(&mut self) {
+        let vol = self.vol_target();
+        let size = self.m.vol(&vol).map(|v| v.size);
+        let n = 2 + self.rng.below(7);
+        let mut writes = Vec::new();
+        for _ in 0..n {
+            let (mut off, len) = self.range(size.unwrap_or(1 << 20), self.p.max_write_bytes);
+            if let Some(&(prev, _)) = writes.last()
+                && self.rng.chance(30)
+            {
+                off = prev;
+            }
+            writes.push((off, Arc::new(self.data(len))));
+        }
+        let want = match size {
+            None => Err(ErrorKind::NotFound),
+            Some(s) if writes.iter().any(|(o, d)| o + d.len() as u64 > s) => {
+                Err(ErrorKind::OutOfRange)
+            }
+            Some(_) => Ok(()),
+        };
+        let what = format!(
+            "write_many {vol} {:?}",
+            writes
+                .iter()
+                .map(|(o, d)| (*o, d.len()))
+                .collect::<Vec<_>>()
+        );
+        self.t.note(what.clone());
+        let args: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+        let got = self
+            .store()
+            .open_export(&vol)
+            .and_then(|v| v.write_many(&args));
+        match self.outcome(&what, got, want) {
+            Ok(Some(())) => {
+                let v = self.m.vol_mut(&vol).expect("exists");
+                for (off, data) in &writes {
+                    v.apply(&DataOp::Write, *off, data.len() as u64, data);
+                }
+            }
+            Ok(None) => {}
+            Err(()) => {
+                self.t
+                    .note("  -> I/O error: the ranges are now undefined".into());
+                let v = self.m.vol_mut(&vol).expect("exists");
+                for (off, data) in &writes {
+                    v.failed(&DataOp::Write, *off, data.len() as u64, data);
+                }
+            }
+        }
+        if let Some((off, data)) = writes.first()
+            && self.rng.chance(40)
+        {
+            self.check_read_at(&vol, (*off).min(size.unwrap_or(0)), data.len() as u64);
         }
     }
 

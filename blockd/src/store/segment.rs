@@ -194,6 +194,14 @@ impl Segment {
     }
 }
 
+/// One write of a burst appended at once ([`Active::append_burst`]): `payload` at
+/// `logical`, one checksum per `MAX_RECORD_BYTES` piece.
+pub struct WriteIn<'a> {
+    pub logical: u64,
+    pub payload: &'a [u8],
+    pub crcs: &'a [u32],
+}
+
 /// The writable end of a log: the segment being appended to.
 pub struct Active {
     pub seg: Arc<Segment>,
@@ -368,47 +376,77 @@ impl Active {
         payload: &[u8],
         crcs: &[u32],
     ) -> Result<Vec<Record>> {
-        let pieces = payload.chunks(format::MAX_RECORD_BYTES);
-        if pieces.len() != crcs.len() || payload.is_empty() {
-            return Err(StoreError::io(
-                self.what(),
-                std::io::Error::other("one checksum per record piece expected"),
-            ));
-        }
+        self.append_burst(&[WriteIn {
+            logical,
+            payload,
+            crcs,
+        }])
+    }
+
+    /// Appends a burst of writes (a client's pipelined requests), in order, laid out as
+    /// one [`Active::append_writes`] each would lay them out, with one vectored write for
+    /// all payloads (alignment gaps between them written as zeroes) and one write for all
+    /// entries. On error nothing is recorded.
+    pub fn append_burst(&mut self, writes: &[WriteIn<'_>]) -> Result<Vec<Record>> {
+        let Some(first) = writes.first() else {
+            return Ok(Vec::new());
+        };
         let first_off = format::payload_offset(
             self.dat_tail,
-            payload.len().min(format::MAX_RECORD_BYTES) as u64,
+            first.payload.len().min(format::MAX_RECORD_BYTES) as u64,
         );
-        let mut records = Vec::with_capacity(crcs.len());
-        let mut entries = Vec::with_capacity(crcs.len() * ENTRY_BYTES);
+        let count: usize = writes.iter().map(|w| w.crcs.len()).sum();
+        let mut records = Vec::with_capacity(count);
+        let mut entries = Vec::with_capacity(count * ENTRY_BYTES);
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(count * 2);
         let mut off = first_off;
-        for (i, (piece, &crc)) in pieces.zip(crcs).enumerate() {
-            let len = piece.len() as u64;
-            // Every piece but the last is a multiple of 4096 long, so each next piece
-            // starts right where the previous one ended (its aligned offset).
-            let data_off = format::payload_offset(off, len);
-            if data_off != off && i > 0 {
+        for w in writes {
+            let pieces = w.payload.chunks(format::MAX_RECORD_BYTES);
+            if pieces.len() != w.crcs.len() || w.payload.is_empty() {
                 return Err(StoreError::io(
                     self.what(),
-                    std::io::Error::other("record pieces are not contiguous"),
+                    std::io::Error::other("one checksum per record piece expected"),
                 ));
             }
-            let record = Record::Write {
-                seq: self.next_seq + i as u64,
-                logical: logical + (i * format::MAX_RECORD_BYTES) as u64,
-                len: len as u32,
-                data_off,
-                data_crc: crc,
-            };
-            entries.extend_from_slice(&format::encode_record(&record, false));
-            records.push(record);
-            off = data_off + len;
+            for (i, (piece, &crc)) in pieces.zip(w.crcs).enumerate() {
+                let len = piece.len() as u64;
+                // Every piece but the last is a multiple of 4096 long, so each next piece
+                // starts right where the previous one ended (its aligned offset).
+                let data_off = format::payload_offset(off, len);
+                if data_off != off && i > 0 {
+                    return Err(StoreError::io(
+                        self.what(),
+                        std::io::Error::other("record pieces are not contiguous"),
+                    ));
+                }
+                if data_off > off {
+                    // The gap in front of an aligned payload (under a page): dead bytes.
+                    bufs.push(&ZEROES[..(data_off - off) as usize]);
+                }
+                bufs.push(piece);
+                let record = Record::Write {
+                    seq: self.next_seq + records.len() as u64,
+                    logical: w.logical + (i * format::MAX_RECORD_BYTES) as u64,
+                    len: len as u32,
+                    data_off,
+                    data_crc: crc,
+                };
+                entries.extend_from_slice(&format::encode_record(&record, false));
+                records.push(record);
+                off = data_off + len;
+            }
         }
-        let direct = self.direct_min > 0
-            && payload.len() as u64 >= self.direct_min
-            && first_off.is_multiple_of(format::PAGE_BYTES)
-            && (payload.len() as u64).is_multiple_of(format::PAGE_BYTES);
-        if direct {
+        let payload = match writes {
+            [one] => Some(one.payload),
+            _ => None,
+        };
+        let direct = payload.filter(|p| {
+            self.direct_min > 0
+                && p.len() as u64 >= self.direct_min
+                && first_off.is_multiple_of(format::PAGE_BYTES)
+                && (p.len() as u64).is_multiple_of(format::PAGE_BYTES)
+        });
+        if direct.is_some() {
             // No zeroes ahead of a direct write: they would be cached pages that the kernel
             // must write back before the direct write may overwrite them.
             self.dat_filled = self.dat_filled.max(off);
@@ -424,17 +462,23 @@ impl Active {
         }
         self.fill_idx(records.len() as u64)?;
         let idx_off = self.idx_slots * ENTRY_BYTES as u64;
-        let written = if direct {
+        let written = match (direct, payload) {
             // Payloads, then entries, as in `write_pair`.
-            self.seg
+            (Some(p), _) => self
+                .seg
                 .dat
-                .write_direct_at(payload, first_off)
-                .and_then(|()| self.idx.write_all_at(&entries, idx_off))
-        } else {
+                .write_direct_at(p, first_off)
+                .and_then(|()| self.idx.write_all_at(&entries, idx_off)),
             // One submission on engines that can link the two writes.
-            self.seg
+            (None, Some(p)) => self
+                .seg
                 .dat
-                .write_pair(payload, first_off, &*self.idx, &entries, idx_off)
+                .write_pair(p, first_off, &*self.idx, &entries, idx_off),
+            (None, None) => self
+                .seg
+                .dat
+                .write_vectored_at(&bufs, first_off)
+                .and_then(|()| self.idx.write_all_at(&entries, idx_off)),
         };
         written
             .map_err(|e| StoreError::io(format!("appending to segment {:016x}", self.seg.id), e))?;

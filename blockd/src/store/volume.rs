@@ -25,7 +25,7 @@ use super::catalog::Ctx;
 use super::format::{self, MAX_RECORD_BYTES, Record};
 use super::group_commit::{FlushError, GroupCommit};
 use super::map::{ExtentMap, Location, Target};
-use super::segment::{Active, Segment, SegmentId};
+use super::segment::{Active, Segment, SegmentId, WriteIn};
 use super::{Extent, ExtentState, Result, StoreError, Volume, ZeroMode, check_range};
 
 /// A location in a segment.
@@ -473,6 +473,27 @@ impl VolumeCore {
         )
     }
 
+    /// Writes a burst of small writes (each at most `MAX_RECORD_BYTES`) as one append: one
+    /// record each, checksummed before the log lock is taken, applied in order.
+    fn write_burst(&self, writes: &[(u64, &[u8])]) -> Result<()> {
+        let crcs: Vec<u32> = writes.iter().map(|(_, p)| format::payload_crc(p)).collect();
+        let burst: Vec<WriteIn<'_>> = writes
+            .iter()
+            .zip(&crcs)
+            .map(|((logical, payload), crc)| WriteIn {
+                logical: *logical,
+                payload,
+                crcs: std::slice::from_ref(crc),
+            })
+            .collect();
+        // Room for the payloads and the alignment gaps between them.
+        let len = writes
+            .iter()
+            .map(|(_, p)| p.len() as u64 + format::PAGE_BYTES)
+            .sum();
+        self.append(|a| a.append_burst(&burst), len)
+    }
+
     fn zero_range(&self, logical: u64, len: u64, keep_allocated: bool) -> Result<()> {
         if !keep_allocated {
             // A trim of what is already a hole changes nothing: don't grow the log.
@@ -616,6 +637,42 @@ impl Volume for VolumeHandle {
         for (i, chunk) in data.chunks(per_append).enumerate() {
             self.core
                 .write_records(offset + (i * per_append) as u64, chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Each run of small writes (at most `MAX_RECORD_BYTES`) becomes one append, bounded
+    /// by half a segment like `write`; other writes go through `write`.
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<()> {
+        for (offset, data) in writes {
+            check_range(*offset, data.len() as u64, self.core.size)?;
+        }
+        let budget = self.core.ctx.config.segment_bytes / 2;
+        // Room an append of `d` may take: payload plus alignment gap.
+        let room = |d: &[u8]| d.len() as u64 + format::PAGE_BYTES;
+        let small = |d: &[u8]| !d.is_empty() && d.len() <= MAX_RECORD_BYTES && room(d) <= budget;
+        let mut rest = writes;
+        while !rest.is_empty() {
+            let mut n = 0;
+            let mut bytes = 0;
+            for (_, d) in rest {
+                if !small(d) || bytes + room(d) > budget {
+                    break;
+                }
+                bytes += room(d);
+                n += 1;
+            }
+            match n {
+                0 | 1 => {
+                    let (offset, data) = rest[0];
+                    self.write(offset, data)?;
+                    rest = &rest[1..];
+                }
+                _ => {
+                    self.core.write_burst(&rest[..n])?;
+                    rest = &rest[n..];
+                }
+            }
         }
         Ok(())
     }

@@ -107,6 +107,16 @@ pub trait FileIo: Send + Sync {
     fn write_direct_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.write_all_at(buf, off)
     }
+    /// Writes `bufs` back to back from `off`, as one write of their concatenation (one
+    /// system call where the engine can: a burst of log appends).
+    fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+        let mut at = off;
+        for b in bufs {
+            self.write_all_at(b, at)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes every completed write to this file durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;

@@ -276,6 +276,12 @@ impl FileIo for UringFile {
         self.0.write_direct_at(buf, off)
     }
 
+    /// Through the plain-syscall file: ext4 hands buffered ring writes to a worker thread
+    /// anyway (docs/BENCHMARKS.md, `engines`), so one `pwritev` is the cheaper way.
+    fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+        self.0.write_vectored_at(bufs, off)
+    }
+
     fn sync_data(&self) -> io::Result<()> {
         check_poisoned();
         let started = std::time::Instant::now();
