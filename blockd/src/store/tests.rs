@@ -1,4 +1,4 @@
-//! Unit tests of the extent store on the in-memory engine.
+//! Unit tests of the extent store on the in-memory engine (and one on real files).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -225,4 +225,103 @@ fn a_failed_fsync_fails_every_later_flush() {
         v.flush().expect_err("sticky").kind(),
         ErrorKind::FlushFailed
     );
+}
+
+/// Pages of `path` in the page cache (mincore over a shared mapping).
+fn cached_pages(path: &Path) -> usize {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(path).expect("open");
+    let len = f.metadata().expect("metadata").len() as usize;
+    if len == 0 {
+        return 0;
+    }
+    // SAFETY: a read-only shared mapping of a file we keep open for the call; mincore
+    // writes one byte per page into `vec`, which has room for them all.
+    unsafe {
+        let m = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(m, libc::MAP_FAILED, "mmap");
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        let rc = libc::mincore(m, len, vec.as_mut_ptr());
+        libc::munmap(m, len);
+        assert_eq!(rc, 0, "mincore");
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+}
+
+/// On real files, a streaming writer's active segment is prepared ahead of its tail by
+/// the warmer thread (blocks allocated, pages cached, nothing read from it changes), and
+/// sealing cuts the file back to its data.
+#[test]
+fn a_streaming_writer_finds_its_segment_prepared_ahead_and_sealing_cuts_it_back() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config {
+        segment_bytes: 8 << 20,
+        warm_ahead_bytes: 2 << 20,
+        ..Config::default()
+    };
+    let fs = super::io::IoEngine::Sync.fs().expect("sync engine");
+    let store = Store::open(fs.clone(), dir.path(), config.clone()).expect("open");
+    store.create_volume(&name("v"), 64 << 20).expect("create");
+    let v = store.open_export("v").expect("open");
+    let data: Vec<u8> = (0..(3 << 20) + 4096).map(|i| (i * 7 % 251) as u8).collect();
+    for (i, chunk) in data.chunks(4096).enumerate() {
+        v.write(i as u64 * 4096, chunk).expect("write");
+    }
+    let seg_dir = dir.path().join("segments");
+    let dat = || {
+        std::fs::read_dir(&seg_dir)
+            .expect("segments")
+            .map(|e| e.expect("entry").path())
+            .find(|p| p.extension().is_some_and(|x| x == "dat"))
+            .expect("a .dat")
+    };
+    // Appended: a header and 3 MiB + 4 KiB of payloads; prepared: 1 to 2 MiB further (the
+    // next stretch is requested when less than half of `warm_ahead_bytes` is left).
+    let written = (3 << 20) + 4096 + 4096;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let meta = loop {
+        let m = std::fs::metadata(dat()).expect("stat");
+        if m.len() >= written + (1 << 20) || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(
+        meta.len() >= written + (1 << 20) && meta.blocks() * 512 >= written + (1 << 20),
+        "active segment not prepared ahead: {} bytes long, {} allocated, {written} written",
+        meta.len(),
+        meta.blocks() * 512
+    );
+    assert!(
+        cached_pages(&dat()) as u64 * 4096 >= written + (1 << 20),
+        "the prepared pages are not in the page cache"
+    );
+    assert_eq!(read(&v, 0, data.len()), data, "data read back");
+    // Writing past the segment size seals it: its file is cut back to its data.
+    let first = dat();
+    for i in 0..(6 << 20) / 4096 {
+        v.write(data.len() as u64 + i * 4096, &[9u8; 4096])
+            .expect("write");
+    }
+    v.flush().expect("flush");
+    let sealed_len = std::fs::metadata(&first).expect("stat").len();
+    assert!(store.stats().segments >= 2, "no roll");
+    assert!(
+        sealed_len <= config.segment_bytes + 4096,
+        "sealed segment {sealed_len} bytes long: not cut back"
+    );
+    drop(v);
+    drop(store);
+    let store = Store::open(fs, dir.path(), config).expect("reopen");
+    let v = store.open_export("v").expect("open");
+    assert_eq!(read(&v, 0, data.len()), data, "data after reopen");
+    assert_eq!(read(&v, data.len() as u64, 4096), vec![9u8; 4096]);
 }
