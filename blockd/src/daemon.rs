@@ -46,8 +46,6 @@ pub struct ServeConfig {
     pub io_engine: IoEngine,
     /// See `Config::direct_write_min_bytes`.
     pub direct_write_min_bytes: u64,
-    /// See `Config::warm_ahead_bytes`.
-    pub warm_ahead_bytes: u64,
 }
 
 fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
@@ -79,7 +77,6 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     tracing::info!(engine = cfg.io_engine.name(), "I/O engine");
     let config = Config {
         direct_write_min_bytes: cfg.direct_write_min_bytes,
-        warm_ahead_bytes: cfg.warm_ahead_bytes,
         ..Config::default()
     };
     let store = Store::open(fs, &cfg.data_dir, config)

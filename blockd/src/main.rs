@@ -125,26 +125,6 @@ struct ServeArgs {
     #[arg(long, env = "BLOCKD_DIRECT_WRITES_FROM", default_value = "256K",
           value_parser = parse_direct_writes_from)]
     direct_writes_from: u64,
-    /// How far ahead of a streaming writer's appends the store allocates the segment file
-    /// and brings its pages into the page cache, on a thread of its own, e.g. 16M; `off`
-    /// leaves that to the appends. Costs up to this much disk and page cache per volume
-    /// being written (given back when the segment is sealed).
-    #[arg(long, env = "BLOCKD_WARM_AHEAD", default_value = "16M",
-          value_parser = parse_warm_ahead)]
-    warm_ahead: u64,
-}
-
-fn parse_warm_ahead(s: &str) -> Result<u64, String> {
-    if s.trim().eq_ignore_ascii_case("off") {
-        return Ok(0);
-    }
-    let n = size::parse_size(s).map_err(|e| format!("{e}, or `off`"))?;
-    if n < 2 * 4096 {
-        return Err(format!(
-            "{s:?} is below 8 KiB: give a size such as 16M, or `off`"
-        ));
-    }
-    Ok(n)
 }
 
 fn parse_direct_writes_from(s: &str) -> Result<u64, String> {
@@ -405,7 +385,6 @@ fn serve(args: ServeArgs, api: String) -> Result<()> {
             IoEngineArg::Uring => IoEngine::Uring,
         },
         direct_write_min_bytes: args.direct_writes_from,
-        warm_ahead_bytes: args.warm_ahead,
     })
 }
 

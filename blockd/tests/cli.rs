@@ -137,36 +137,6 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() {
     );
 }
 
-/// Bad sizes for the write-path tunables are refused before anything starts, naming the
-/// option and what to give instead.
-#[test]
-fn bad_write_tuning_values_are_refused_with_what_to_give() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for (flag, value, hint) in [
-        ("--warm-ahead", "4K", "16M"),
-        ("--warm-ahead", "lots", "or `off`"),
-        ("--direct-writes-from", "1000", "256K"),
-    ] {
-        let out = common::run_with_timeout(
-            std::process::Command::new(common::blockd_bin())
-                .args(["serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
-                .args(["--socket", "none", flag, value, "--data-dir"])
-                .arg(dir.path().join("data")),
-            std::time::Duration::from_secs(30),
-        );
-        assert!(!out.status.success(), "{flag} {value} accepted");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains(flag) && err.contains(hint),
-            "{flag} {value}: {err}"
-        );
-    }
-    assert!(
-        !dir.path().join("data").exists(),
-        "a refused start created the data directory"
-    );
-}
-
 #[test]
 fn import_and_export_print_plain_output_when_not_on_a_terminal() {
     let d = Daemon::start();

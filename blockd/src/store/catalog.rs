@@ -173,12 +173,6 @@ pub struct Config {
     /// streaming writes then cost no page-cache pages and no writeback; small writes, and
     /// the data readers are likely to ask for back soon, stay cached.
     pub direct_write_min_bytes: u64,
-    /// A volume's active segment is prepared (blocks allocated, pages cached) this far
-    /// ahead of its tail once it has taken half as much, so that a streaming writer's
-    /// appends overwrite cached pages; 0 turns that off. See [`super::segment::Warmer`].
-    pub warm_ahead_bytes: u64,
-    /// Prepare in the writer's thread instead of the warmer thread (deterministic: tests).
-    pub warm_inline: bool,
 }
 
 impl Default for Config {
@@ -187,17 +181,12 @@ impl Default for Config {
             segment_bytes: 256 << 20,
             catalog_log_bytes: 1 << 20,
             direct_write_min_bytes: DEFAULT_DIRECT_WRITE_MIN_BYTES,
-            warm_ahead_bytes: DEFAULT_WARM_AHEAD_BYTES,
-            warm_inline: false,
         }
     }
 }
 
 /// See [`Config::direct_write_min_bytes`]; chosen by measurement (docs/BENCHMARKS.md).
 pub const DEFAULT_DIRECT_WRITE_MIN_BYTES: u64 = 256 << 10;
-
-/// See [`Config::warm_ahead_bytes`]: at 300 MB/s of 4 KiB appends, about 50 ms ahead.
-pub const DEFAULT_WARM_AHEAD_BYTES: u64 = 16 << 20;
 
 /// The smallest segment that always has room for a maximal record after its header.
 pub const MIN_SEGMENT_BYTES: u64 = 2 * super::format::MAX_RECORD_BYTES as u64;
@@ -444,8 +433,6 @@ pub struct Ctx {
     pub recovery_notes: Vec<String>,
     /// Counters of store events (flushes, compaction, GC), registered by the daemon.
     pub metrics: crate::metrics::StoreMetrics,
-    /// Prepares active segments ahead of their tails (`Config::warm_ahead_bytes`).
-    pub warmer: super::segment::Warmer,
 }
 
 impl Ctx {
@@ -468,9 +455,6 @@ impl Ctx {
             ),
         };
         let next_segment = AtomicU64::new(cat.next_segment_id);
-        // No thread for a store that never warms.
-        let warmer =
-            super::segment::Warmer::start(config.warm_inline || config.warm_ahead_bytes == 0);
         let ctx = Ctx {
             fs,
             dir: dir.to_owned(),
@@ -485,7 +469,6 @@ impl Ctx {
             next_segment,
             recovery_notes,
             metrics: crate::metrics::StoreMetrics::new(),
-            warmer,
         };
         {
             let mut st = ctx.catalog.lock();

@@ -229,82 +229,6 @@ pub struct Active {
     /// Payloads of at least this many bytes (page-aligned) are written around the page
     /// cache ([`FileIo::write_direct_at`]); 0: never.
     direct_min: u64,
-    /// Prepares the `.dat` ahead of the tail for a streaming writer (see [`Warmer`]).
-    warmer: Option<Warmer>,
-    /// How far ahead of the tail; 0: not at all.
-    warm_ahead: u64,
-    /// The `.dat` was handed to the warmer up to here. Direct writes go only beyond it,
-    /// so they never meet the warmer's page-cache reads.
-    warm_end: u64,
-    /// Set (under its lock) when the segment is sealed: the warmer then leaves the
-    /// file alone, so it cannot grow it again after the seal cut it to its data.
-    warm_gate: Arc<parking_lot::Mutex<bool>>,
-}
-
-/// Brings the `.dat` pages ahead of active segments' tails into the page cache, on a
-/// thread of its own ([`FileIo::warm`]: allocate, then read the zeroes in). A writer
-/// that appends to a segment faster than a few MiB at a time then overwrites cached
-/// pages instead of allocating a fresh page per 4 KiB in its own thread, which on a VM
-/// whose free memory was handed back to the host means a host fault per page
-/// (docs/BENCHMARKS.md). Best effort: requests that find the queue full are dropped.
-#[derive(Clone)]
-pub struct Warmer {
-    /// None: run each request in the caller's thread (deterministic, for tests).
-    queue: Option<std::sync::mpsc::SyncSender<WarmJob>>,
-}
-
-struct WarmJob {
-    file: Arc<dyn FileIo>,
-    gate: Arc<parking_lot::Mutex<bool>>,
-    off: u64,
-    len: u64,
-}
-
-impl WarmJob {
-    fn run(self) {
-        let sealed = self.gate.lock();
-        if !*sealed {
-            // A hint: a failure (no fallocate on this file system, no space) only means
-            // the appends allocate their pages themselves.
-            let _ = self.file.warm(self.off, self.len);
-        }
-    }
-}
-
-/// Warm requests waiting for the warmer thread at most.
-const WARM_QUEUE: usize = 16;
-
-impl Warmer {
-    /// A warmer with its own thread ("seg-warm"), which ends when the last handle is
-    /// dropped; `inline` runs each request in the caller's thread instead.
-    pub fn start(inline: bool) -> Warmer {
-        if inline {
-            return Warmer { queue: None };
-        }
-        let (tx, rx) = std::sync::mpsc::sync_channel::<WarmJob>(WARM_QUEUE);
-        let spawned = std::thread::Builder::new()
-            .name("seg-warm".into())
-            .spawn(move || {
-                for job in rx {
-                    job.run();
-                }
-            });
-        if let Err(e) = spawned {
-            // Requests then find no receiver and are dropped: warming inline would put
-            // the cost back on the writer.
-            tracing::warn!(error = %e, "cannot start the segment warmer thread");
-        }
-        Warmer { queue: Some(tx) }
-    }
-
-    fn request(&self, job: WarmJob) {
-        match &self.queue {
-            None => job.run(),
-            Some(q) => {
-                let _ = q.try_send(job);
-            }
-        }
-    }
 }
 
 /// Writeback of an active segment's payloads is started every this many bytes.
@@ -401,10 +325,6 @@ impl Active {
             fill_limit: u64::MAX,
             flushed: false,
             direct_min: 0,
-            warmer: None,
-            warm_ahead: 0,
-            warm_end: 0,
-            warm_gate: Arc::new(parking_lot::Mutex::new(false)),
         })
     }
 
@@ -418,37 +338,6 @@ impl Active {
     /// `Config::direct_write_min_bytes`.
     pub fn set_direct_writes(&mut self, bytes: u64) {
         self.direct_min = bytes;
-    }
-
-    /// Keep the `.dat` prepared `bytes` ahead of the tail with `warmer`, once the segment
-    /// has taken half that much (a streaming writer); 0 turns it off.
-    pub fn set_warming(&mut self, warmer: Warmer, bytes: u64) {
-        self.warmer = Some(warmer);
-        self.warm_ahead = bytes;
-    }
-
-    /// Hands the next stretch ahead of `tail` to the warmer when less than half of
-    /// `warm_ahead` is left.
-    fn warm(&mut self, tail: u64) {
-        let Some(warmer) = &self.warmer else { return };
-        let half = self.warm_ahead / 2;
-        if half == 0 || tail < DAT_HEADER_BYTES + half || tail + half <= self.warm_end {
-            return;
-        }
-        let from = self.warm_end.max(tail).next_multiple_of(format::PAGE_BYTES);
-        let to = (tail + self.warm_ahead)
-            .min(self.fill_limit)
-            .next_multiple_of(format::PAGE_BYTES);
-        if to <= from {
-            return;
-        }
-        self.warm_end = to;
-        warmer.request(WarmJob {
-            file: self.seg.dat.clone(),
-            gate: self.warm_gate.clone(),
-            off: from,
-            len: to - from,
-        });
     }
 
     /// Fills the `.idx` with zeroes ahead of a write of `slots` slots at the tail.
@@ -554,7 +443,6 @@ impl Active {
         let direct = payload.filter(|p| {
             self.direct_min > 0
                 && p.len() as u64 >= self.direct_min
-                && first_off >= self.warm_end
                 && first_off.is_multiple_of(format::PAGE_BYTES)
                 && (p.len() as u64).is_multiple_of(format::PAGE_BYTES)
         });
@@ -598,9 +486,6 @@ impl Active {
             self.entry_appended(*r);
         }
         self.dat_tail = off;
-        if direct.is_none() {
-            self.warm(off);
-        }
         // Keep the dirty payload bytes of the active segment small, so that the sync
         // when it is sealed (and every flush) finds little left to write.
         if self.dat_tail - self.writeback_from >= WRITEBACK_CHUNK_BYTES {
@@ -681,16 +566,12 @@ impl Active {
             .seg
             .payloads
             .set(Payloads::new(payloads_of(&self.records), GOOD));
-        // The zeroes filled or warmed ahead are not needed any more. Best effort: a crash
-        // before the new sizes are durable only leaves the zeroes there, which readers
-        // ignore. Only when there are some (a segment that was never flushed or warmed
-        // has none). Under the warm gate, so the warmer cannot grow the file again.
-        let mut sealed = self.warm_gate.lock();
-        *sealed = true;
-        if self.dat_filled > self.dat_tail || self.warm_end > self.dat_tail {
+        // The zeroes filled ahead are not needed any more. Best effort: a crash before the
+        // new sizes are durable only leaves the zeroes there, which readers ignore. Only
+        // when there are some (a segment that was never flushed has none).
+        if self.dat_filled > self.dat_tail {
             let _ = self.seg.dat.set_len(self.dat_tail);
         }
-        drop(sealed);
         let idx_used = self.idx_slots * ENTRY_BYTES as u64;
         if self.idx_filled > idx_used {
             let _ = self.idx.set_len(idx_used);

@@ -414,7 +414,6 @@ impl VolumeCore {
         let mut active = Active::create(&*self.ctx.fs, &self.ctx.seg_dir, id, 1)?;
         active.set_fill_limit(self.ctx.config.segment_bytes);
         active.set_direct_writes(self.ctx.config.direct_write_min_bytes);
-        active.set_warming(self.ctx.warmer.clone(), self.ctx.config.warm_ahead_bytes);
         self.ctx
             .fs
             .sync_dir(&self.ctx.seg_dir)

@@ -142,19 +142,6 @@ impl FileIo for MemFile {
         Ok(())
     }
 
-    /// Grows the file to `off + len` (zeroes) if it is shorter, like `fallocate`; never
-    /// changes a byte that is there.
-    fn warm(&self, off: u64, len: u64) -> io::Result<()> {
-        let mut st = self.state.lock();
-        let end = off.saturating_add(len);
-        if (st.current.len() as u64) < end {
-            let op = Op::SetLen(end);
-            apply(&mut st.current, &op);
-            st.pending.push(op);
-        }
-        Ok(())
-    }
-
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         let mut st = self.state.lock();
         let size = st.current.len() as u64;

@@ -117,13 +117,6 @@ pub trait FileIo: Send + Sync {
         }
         Ok(())
     }
-    /// Prepares `[off, off + len)` for appends without changing what the file reads as
-    /// (past its data: zeroes): allocates the blocks, growing the size if needed, and
-    /// brings their pages into the page cache, so that later writes there overwrite cached
-    /// pages instead of allocating them. A hint: engines that cannot do it do nothing.
-    fn warm(&self, _off: u64, _len: u64) -> io::Result<()> {
-        Ok(())
-    }
     /// Makes every completed write to this file durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;

@@ -175,29 +175,6 @@ impl FileIo for SyncFile {
         Ok(())
     }
 
-    /// `fallocate` (mode 0: never shrinks, never changes data), then `WILLNEED` over the
-    /// range in 1 MiB steps: on ext4, the pages of unwritten extents are read as zeroes
-    /// without I/O and stay cached, clean.
-    fn warm(&self, off: u64, len: u64) -> io::Result<()> {
-        let (Ok(o), Ok(l)) = (libc::off64_t::try_from(off), libc::off64_t::try_from(len)) else {
-            return Ok(());
-        };
-        let fd = self.file.as_raw_fd();
-        // SAFETY: fallocate on a descriptor owned by this file; no memory is passed.
-        if unsafe { libc::fallocate64(fd, 0, o, l) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let step: libc::off64_t = 1 << 20;
-        let mut at = o;
-        while at < o + l {
-            let n = step.min(o + l - at);
-            // SAFETY: as above; advice only.
-            unsafe { libc::posix_fadvise64(fd, at, n, libc::POSIX_FADV_WILLNEED) };
-            at += n;
-        }
-        Ok(())
-    }
-
     fn sync_data(&self) -> io::Result<()> {
         let started = std::time::Instant::now();
         let result = self.file.sync_data();

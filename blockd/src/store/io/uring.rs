@@ -276,10 +276,6 @@ impl FileIo for UringFile {
         self.0.write_direct_at(buf, off)
     }
 
-    fn warm(&self, off: u64, len: u64) -> io::Result<()> {
-        self.0.warm(off, len)
-    }
-
     /// Through the plain-syscall file: ext4 hands buffered ring writes to a worker thread
     /// anyway (docs/BENCHMARKS.md, `engines`), so one `pwritev` is the cheaper way.
     fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
