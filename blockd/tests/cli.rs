@@ -137,6 +137,41 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() {
     );
 }
 
+/// A bad size for `--direct-writes-from` is refused before anything starts, naming the
+/// option and what to give instead.
+#[test]
+fn bad_direct_write_threshold_is_refused_with_what_to_give() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (value, hint) in [("1000", "256K"), ("lots", "or `off`"), ("0", "256K")] {
+        let out = common::run_with_timeout(
+            std::process::Command::new(common::blockd_bin())
+                .args(["serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+                .args([
+                    "--socket",
+                    "none",
+                    "--direct-writes-from",
+                    value,
+                    "--data-dir",
+                ])
+                .arg(dir.path().join("data")),
+            std::time::Duration::from_secs(30),
+        );
+        assert!(
+            !out.status.success(),
+            "--direct-writes-from {value} accepted"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--direct-writes-from") && err.contains(hint),
+            "--direct-writes-from {value}: {err}"
+        );
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "a refused start created the data directory"
+    );
+}
+
 #[test]
 fn import_and_export_print_plain_output_when_not_on_a_terminal() {
     let d = Daemon::start();
