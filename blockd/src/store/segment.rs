@@ -398,7 +398,10 @@ impl Active {
         let count: usize = writes.iter().map(|w| w.crcs.len()).sum();
         let mut records = Vec::with_capacity(count);
         let mut entries = Vec::with_capacity(count * ENTRY_BYTES);
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(count * 2);
+        // The vectored write's buffers: only a burst of several writes needs them (one
+        // write's pieces are its payload, back to back).
+        let vectored = writes.len() > 1;
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(if vectored { count * 2 } else { 0 });
         let mut off = first_off;
         for w in writes {
             let pieces = w.payload.chunks(format::MAX_RECORD_BYTES);
@@ -419,11 +422,13 @@ impl Active {
                         std::io::Error::other("record pieces are not contiguous"),
                     ));
                 }
-                if data_off > off {
-                    // The gap in front of an aligned payload (under a page): dead bytes.
-                    bufs.push(&ZEROES[..(data_off - off) as usize]);
+                if vectored {
+                    if data_off > off {
+                        // The gap in front of an aligned payload (under a page): dead bytes.
+                        bufs.push(&ZEROES[..(data_off - off) as usize]);
+                    }
+                    bufs.push(piece);
                 }
-                bufs.push(piece);
                 let record = Record::Write {
                     seq: self.next_seq + records.len() as u64,
                     logical: w.logical + (i * format::MAX_RECORD_BYTES) as u64,

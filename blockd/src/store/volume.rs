@@ -288,6 +288,12 @@ fn status_map(map: &Map, offset: u64, len: u64, max: usize) -> Vec<Extent> {
     out
 }
 
+/// Segment room one write of a burst may take: its payload and the alignment gap in
+/// front of it (under a page).
+fn burst_room(payload: &[u8]) -> u64 {
+    payload.len() as u64 + format::PAGE_BYTES
+}
+
 /// The append side of a volume.
 pub struct Log {
     /// Own segments in replay order; the active one, if any, is last.
@@ -486,11 +492,7 @@ impl VolumeCore {
                 crcs: std::slice::from_ref(crc),
             })
             .collect();
-        // Room for the payloads and the alignment gaps between them.
-        let len = writes
-            .iter()
-            .map(|(_, p)| p.len() as u64 + format::PAGE_BYTES)
-            .sum();
+        let len = writes.iter().map(|(_, p)| burst_room(p)).sum();
         self.append(|a| a.append_burst(&burst), len)
     }
 
@@ -648,18 +650,17 @@ impl Volume for VolumeHandle {
             check_range(*offset, data.len() as u64, self.core.size)?;
         }
         let budget = self.core.ctx.config.segment_bytes / 2;
-        // Room an append of `d` may take: payload plus alignment gap.
-        let room = |d: &[u8]| d.len() as u64 + format::PAGE_BYTES;
-        let small = |d: &[u8]| !d.is_empty() && d.len() <= MAX_RECORD_BYTES && room(d) <= budget;
+        let small =
+            |d: &[u8]| !d.is_empty() && d.len() <= MAX_RECORD_BYTES && burst_room(d) <= budget;
         let mut rest = writes;
         while !rest.is_empty() {
             let mut n = 0;
             let mut bytes = 0;
             for (_, d) in rest {
-                if !small(d) || bytes + room(d) > budget {
+                if !small(d) || bytes + burst_room(d) > budget {
                     break;
                 }
-                bytes += room(d);
+                bytes += burst_room(d);
                 n += 1;
             }
             match n {
